@@ -1,0 +1,26 @@
+"""Shared pytest fixtures.
+
+Real data lives in ``../shared/data`` beside the repository (never copied into it). Tests that need it use the
+``totalseg_dir`` fixture, which skips with a clear reason when the folder is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MASKSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def totalseg_dir() -> Path:
+    """Folder with the real abdominal CT ``s1_ct.nii.gz`` and its labels; skips when absent."""
+    folder = SHARED_DATA / "totalseg-example"
+    if not (folder / "s1_ct.nii.gz").exists():
+        pytest.skip(f"real CT not found at {folder} (set MASKSAM_SHARED_DATA to the shared data folder)")
+    return folder

@@ -1,0 +1,125 @@
+"""``python -m masksam_core.model {summary, init}``.
+
+- ``summary``: builds MaskSAM on a backbone and prints one JSON object with ``trainable_params``,
+  ``frozen_params`` and the output shapes for a dummy slab.
+- ``init``: writes an untrained model folder (a starting point for training, and the tests' fixture).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..cli_util import run_cli
+from ..errors import MaskSAMError
+from .backbones import BACKBONE_NAMES, load_backbone
+from .card import DEFAULT_CT_NORMALIZATION, make_card
+from .folder import save_model_folder
+from .masksam import MaskSAM
+from .recipes import RECIPES, architecture_for_recipe
+
+DEFAULT_SPACING = (1.6, 1.6, 3.0)
+
+
+def _classes(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MaskSAMError("--classes needs at least one class name")
+    if len(set(names)) != len(names):
+        raise MaskSAMError("--classes lists a class twice")
+    return names
+
+
+def _spacing(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise MaskSAMError(f"--spacing needs three positive numbers x,y,z in mm, got {text!r}")
+    return values
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", choices=BACKBONE_NAMES, default="litemedsam")
+    p.add_argument("--sam-checkpoint", help="official SAM checkpoint file (for vit_b, vit_l, vit_h)")
+    p.add_argument("--input-size", type=int, choices=(256, 512, 1024), help="ViT input size (default 512)")
+    p.add_argument("--slab-depth", type=int, default=8, help="D, consecutive slices per slab (default 8)")
+    p.add_argument("--num-queries", type=int, default=16, help="N, queries per slice (default 16)")
+    p.add_argument("--recipe", choices=RECIPES, default="cpu", help="architecture preset (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m masksam_core.model", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="print parameter counts and output shapes as JSON")
+    _common(s)
+    s.add_argument("--num-classes", type=int, required=True, help="foreground classes (background is added)")
+    s.add_argument("--batch", type=int, default=1, help="slabs in the dummy batch")
+    i = sub.add_parser("init", help="write an untrained model folder")
+    _common(i)
+    i.add_argument("--classes", required=True, type=_classes, help="comma-separated class names, e.g. liver,spleen")
+    i.add_argument("--out", required=True, help="model folder to create")
+    i.add_argument("--spacing", type=_spacing, default=list(DEFAULT_SPACING), help="target spacing x,y,z in mm")
+    i.add_argument("--name", help="model name (default: the folder's name)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _check_depth(depth: int, queries: int) -> None:
+    if depth < 1 or queries < 1:
+        raise MaskSAMError("--slab-depth and --num-queries must be at least 1")
+
+
+def summary(args: argparse.Namespace) -> dict:
+    _check_depth(args.slab_depth, args.num_queries)
+    backbone = load_backbone(args.backbone, sam_checkpoint=args.sam_checkpoint, input_size=args.input_size)
+    config = architecture_for_recipe(args.recipe, args.num_classes + 1, args.slab_depth, args.num_queries)
+    model = MaskSAM(backbone, config).eval()
+    s = backbone.input_size
+    slab = torch.zeros(args.batch, 1, args.slab_depth, s, s)
+    with torch.inference_mode():
+        out = model(slab)
+    return {
+        "backbone": backbone.name,
+        "recipe": args.recipe,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "input_shape": list(slab.shape),
+        "output_shapes": {k: list(v.shape) for k, v in out.items()},
+    }
+
+
+def init(args: argparse.Namespace) -> dict:
+    from ..labels import class_entries
+
+    _check_depth(args.slab_depth, args.num_queries)
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(args.backbone, sam_checkpoint=args.sam_checkpoint, input_size=args.input_size)
+    config = architecture_for_recipe(args.recipe, len(args.classes) + 1, args.slab_depth, args.num_queries)
+    model = MaskSAM(backbone, config)
+    from pathlib import Path
+
+    name = args.name or Path(args.out).name
+    card = make_card(name, backbone.name, backbone.sha256, backbone.input_size, config, class_entries(args.classes),
+                     args.spacing, DEFAULT_CT_NORMALIZATION,
+                     training={"recipe": args.recipe, "trained_parts": [], "status": "untrained"},
+                     description="Untrained MaskSAM (made by `python -m masksam_core.model init`).")
+    save_model_folder(model, card, args.out, overwrite=args.overwrite)
+    return {"model_folder": str(Path(args.out).resolve()), "classes": args.classes, "recipe": args.recipe}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = summary(args) if args.command == "summary" else init(args)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,259 @@
+"""The MaskSAM network (spec §1): stem, adapted SAM encoder, prompt generator, prompt encoder,
+classifier-token mask decoder, optional refinement head, and MaskFormer semantic fusion.
+
+Frozen: the backbone's image encoder, prompt encoder and mask decoder (``*.base`` and ``prompt_encoder``);
+their parameters have ``requires_grad=False`` and stay in eval mode (TinyViT's BatchNorm statistics never move).
+Trained: the stem (``conv3d``), encoder adapters and depth embedding, the prompt generator, the prompt-side
+depth embedding, decoder adapters, the global classifier token, the class head and the refinement head.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ModelError
+from .backbones import Backbone
+from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe,
+                      encode_prompts)
+from .encoder import TinyViTFeatureEncoder, ViTFeatureEncoder
+from .prompt_generator import PromptGenerator
+
+NO_OBJECT_LOGIT = 20.0
+EMPTY_MASK_LOGIT = -20.0
+STEMS = ("repeat", "conv3d")
+
+
+@dataclass
+class MaskSAMConfig:
+    """Architecture choices recorded in the model card (``architecture``).
+
+    num_classes: C, classes including background (the card's foreground classes + 1).
+    slab_depth: D slices per slab; num_queries: N.
+    stem: ``"repeat"`` (the grey image copied to 3 channels and normalised as the backbone expects; no
+    parameters, so encoder features can be cached) or ``"conv3d"`` (the official learned 1 -> 8 -> 3 stem).
+    encoder_adapters / encoder_depth_embedding: depth adapters and slice embedding in the image encoder.
+    adapter_mode: ``"unpartitioned"`` or ``"official"`` (see ``encoder.py``).
+    decoder_adapters: depth-MLP adapters in the two-way transformer.
+    refine_head: the official query-mixing refinement head (``final_conv``).
+    prompt_channels: the prompt generator's stage widths (coarse to fine); None for the default.
+    """
+
+    num_classes: int
+    slab_depth: int = 8
+    num_queries: int = 16
+    stem: str = "repeat"
+    encoder_adapters: bool = False
+    encoder_depth_embedding: bool = False
+    adapter_mode: str = "unpartitioned"
+    decoder_adapters: bool = True
+    refine_head: bool = False
+    prompt_channels: Optional[List[int]] = None
+    pos_embed_mode: str = "crop"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MaskSAMConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def default_prompt_channels(family: str) -> List[int]:
+    """Stage widths: the official (256, 128, 128, 64, 64) for ViT; (64, 32, 16) for TinyViT on CPU budgets."""
+    return [256, 128, 128, 64, 64] if family == "vit" else [64, 32, 16]
+
+
+class MaskSAM(nn.Module):
+    """MaskSAM on a :class:`Backbone`.
+
+    ``forward(slab)`` with slab (G, 1, D, S, S) returns a dict (batch order (g, d) for the G·D slices):
+
+    - ``aux_mask_logits`` (G·D, N, S, S), ``aux_boxes`` (G·D, N, 4) normalised xyxy from the box head;
+    - ``prompt_boxes`` (G·D, N, 4): the boxes actually given to SAM (head box averaged with the mask's box);
+    - ``pred_logits`` (G·D, N, C + 1) class logits, index C = no object;
+    - ``pred_masks`` (G·D, N, h_m, w_m) mask logits at the decoder's resolution (4x the embedding grid; the
+      input size after the refinement head);
+    - ``decoded`` (G·D, N) bool: pairs that went through SAM's decoder. Others carry the constant no-object
+      logits and empty masks (logit -20).
+    """
+
+    def __init__(self, backbone: Backbone, config: MaskSAMConfig) -> None:
+        super().__init__()
+        if config.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}")
+        self.config = config
+        self.backbone_name = backbone.name
+        self.backbone_sha256 = backbone.sha256
+        self.family = backbone.family
+        self.input_size = backbone.input_size
+        self.embed_grid = tuple(backbone.embed_grid)
+        d = config.slab_depth
+        if config.stem == "conv3d":
+            self.stem = nn.Sequential(
+                nn.Conv3d(1, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                nn.Conv3d(8, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01, inplace=True),
+            )
+        else:
+            self.stem = None
+        self.register_buffer("pixel_mean", torch.tensor(backbone.pixel_mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(backbone.pixel_std).view(1, 3, 1, 1, 1), persistent=False)
+        if backbone.family == "vit":
+            self.encoder = ViTFeatureEncoder(backbone.image_encoder, d, backbone.global_attn_indexes,
+                                             adapters=config.encoder_adapters,
+                                             depth_embedding=config.encoder_depth_embedding,
+                                             adapter_mode=config.adapter_mode)
+        else:
+            self.encoder = TinyViTFeatureEncoder(backbone.image_encoder, d, adapters=config.encoder_adapters,
+                                                 depth_embedding=config.encoder_depth_embedding,
+                                                 adapter_mode=config.adapter_mode)
+        token_dim = backbone.mask_decoder.transformer_dim
+        channels = config.prompt_channels or default_prompt_channels(backbone.family)
+        self.prompt_generator = PromptGenerator(self.encoder.feature_channels, self.encoder.feature_strides,
+                                                self.input_size, config.num_queries, token_dim, channels)
+        self.prompt_encoder = backbone.prompt_encoder
+        self.pe_depth_embedding = nn.Parameter(torch.zeros(d, token_dim))
+        self.decoder = ClassifierTokenDecoder(backbone.mask_decoder, config.num_classes, d, self.embed_grid,
+                                              adapters=config.decoder_adapters)
+        mask_res = 4 * self.embed_grid[0]
+        num_up = max(0, (self.input_size // mask_res).bit_length() - 1)
+        self.refine = RefinementHead(config.num_queries, 64, num_up) if config.refine_head else None
+        self._freeze_backbone()
+
+    # ------------------------------------------------------------------ parameters
+    def frozen_modules(self) -> List[nn.Module]:
+        """The pretrained parts: never trained, always in eval mode."""
+        return [self.encoder.base, self.prompt_encoder, self.decoder.base]
+
+    def _freeze_backbone(self) -> None:
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> "MaskSAM":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """State of the trained parts only (what a model folder stores)."""
+        frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
+        frozen |= {id(b) for m in self.frozen_modules() for b in m.buffers()}
+        out = {}
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            if id(tensor) not in frozen:
+                out[name] = tensor.detach().clone()
+        return out
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def slab_depth(self) -> int:
+        return self.config.slab_depth
+
+    @property
+    def encoder_is_per_slice(self) -> bool:
+        """True when encoder features depend on each slice alone (cacheable): repeat stem, no encoder depth parts."""
+        c = self.config
+        return c.stem == "repeat" and not c.encoder_adapters and not c.encoder_depth_embedding
+
+    # ------------------------------------------------------------------ forward
+    def apply_stem(self, slab: torch.Tensor) -> torch.Tensor:
+        """(G, 1, D, S, S) normalised intensities -> (G, 3, D, S, S) encoder input."""
+        if slab.ndim != 5 or slab.shape[1] != 1:
+            raise ValueError(f"expected a slab (G, 1, D, S, S), got {tuple(slab.shape)}")
+        if slab.shape[2] != self.slab_depth:
+            raise ModelError(f"slab depth {slab.shape[2]} differs from the model card's D = {self.slab_depth}")
+        if slab.shape[-1] != self.input_size or slab.shape[-2] != self.input_size:
+            raise ValueError(f"slices must be {self.input_size}x{self.input_size}, got {tuple(slab.shape[-2:])}")
+        if self.stem is not None:
+            return self.stem(slab)
+        x = slab.expand(-1, 3, -1, -1, -1)
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+
+    def encode(self, stem_out: torch.Tensor) -> List[torch.Tensor]:
+        """(G, 3, D, S, S) -> encoder features (list of (G·D, C_k, h_k, w_k), neck first)."""
+        g, c, d, s, _ = stem_out.shape
+        x = stem_out.transpose(1, 2).reshape(g * d, c, s, s)
+        return self.encoder(x)
+
+    def forward(self, slab: torch.Tensor, decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """slab (G, 1, D, S, S); decode (G, N) bool or None (all). See the class docstring for the outputs."""
+        stem_out = self.apply_stem(slab)
+        return self.forward_features(self.encode(stem_out), stem_out, decode)
+
+    def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
+                         decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S)."""
+        g, _, d, s, _ = stem_out.shape
+        n = self.config.num_queries
+        pg = self.prompt_generator(list(features), stem_out)
+        aux = pg["aux_mask_logits"]
+        boxes, masks = binarize_and_box_prompts(aux.reshape(g * d * n, s, s), pg["box_head"].reshape(-1, 4))
+        boxes = boxes.view(g, d, n, 4)
+        masks = masks.view(g, d, n, s, s)
+        if decode is None:
+            decode = torch.ones(g, n, dtype=torch.bool, device=stem_out.device)
+        if decode.shape != (g, n):
+            raise ValueError(f"decode must have shape {(g, n)}, got {tuple(decode.shape)}")
+        sel_g, sel_q = torch.nonzero(decode, as_tuple=True)  # groups (slab, query), in (g, q) order
+        n_sel = sel_g.shape[0]
+        mh = 4 * self.embed_grid[0]
+        mw = 4 * self.embed_grid[1]
+        num_out = self.config.num_classes + 1
+        dtype = aux.dtype
+        pred_masks = torch.full((g, n, d, mh, mw), EMPTY_MASK_LOGIT, dtype=dtype, device=aux.device)
+        no_obj = torch.zeros(num_out, dtype=dtype, device=aux.device)
+        no_obj[-1] = NO_OBJECT_LOGIT
+        pred_logits = no_obj.expand(g, n, d, num_out).clone()
+        if n_sel:
+            item_g = sel_g.repeat_interleave(d)
+            item_q = sel_q.repeat_interleave(d)
+            item_d = torch.arange(d, device=aux.device).repeat(n_sel)
+            slice_idx = item_g * d + item_d
+            sparse, dense = encode_prompts(self.prompt_encoder, boxes[item_g, item_d, item_q],
+                                           masks[item_g, item_d, item_q], self.input_size)
+            pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, item_d)
+            tokens = pg["tokens"].view(g, d, n, -1)[item_g, item_d, item_q]
+            emb = features[0][slice_idx]
+            m, logits = self.decoder(emb, pe.to(emb.dtype), sparse.to(emb.dtype), dense.to(emb.dtype), tokens)
+            pred_masks = pred_masks.index_put((item_g, item_q, item_d), m[:, 0].to(dtype))
+            pred_logits = pred_logits.index_put((item_g, item_q, item_d), logits.to(dtype))
+        if self.refine is not None:
+            pred_masks = self.refine(pred_masks)
+        decoded = decode[:, :, None].expand(g, n, d)
+        return {
+            "aux_mask_logits": aux,
+            "aux_boxes": pg["box_head"],
+            "prompt_boxes": boxes.view(g * d, n, 4),
+            "pred_logits": pred_logits.permute(0, 2, 1, 3).reshape(g * d, n, num_out),
+            "pred_masks": pred_masks.permute(0, 2, 1, 3, 4).reshape(g * d, n, *pred_masks.shape[-2:]),
+            "decoded": decoded.permute(0, 2, 1).reshape(g * d, n),
+        }
+
+
+
+def semantic_probabilities(outputs: Dict[str, torch.Tensor], size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """MaskFormer semantic inference: semseg[c] = sum_q softmax(class_q)[c] · sigmoid(mask_q), no-object dropped.
+
+    Queries not decoded contribute exactly zero. Returns (S, C, h, w) for the S slices, resized bilinearly to
+    ``size`` (h, w) when given.
+    """
+    logits = outputs["pred_logits"].float()
+    cls = logits.softmax(-1)[..., :-1]
+    masks = outputs["pred_masks"].float().sigmoid()
+    decoded = outputs.get("decoded")
+    if decoded is not None:
+        cls = cls * decoded[..., None].to(cls.dtype)
+    sem = torch.einsum("snc,snhw->schw", cls, masks)
+    if size is not None and tuple(sem.shape[-2:]) != tuple(size):
+        sem = F.interpolate(sem, size=tuple(size), mode="bilinear", align_corners=False)
+    return sem
