@@ -165,12 +165,19 @@ class MaskSAM(nn.Module):
         c = self.config
         return c.stem == "repeat" and not c.encoder_adapters and not c.encoder_depth_embedding
 
+    def decode_chunk(self, depth: int) -> int:
+        """Items per decoder call at inference (whole groups of D), bounding memory to a few hundred MB."""
+        return depth * max(1, 32 // depth)
+
     # ------------------------------------------------------------------ forward
-    def apply_stem(self, slab: torch.Tensor) -> torch.Tensor:
-        """(G, 1, D, S, S) normalised intensities -> (G, 3, D, S, S) encoder input."""
+    def apply_stem(self, slab: torch.Tensor, check_depth: bool = True) -> torch.Tensor:
+        """(G, 1, D, S, S) normalised intensities -> (G, 3, D, S, S) encoder input.
+
+        ``check_depth=False`` allows any number of slices (the repeat stem treats slices independently).
+        """
         if slab.ndim != 5 or slab.shape[1] != 1:
             raise ValueError(f"expected a slab (G, 1, D, S, S), got {tuple(slab.shape)}")
-        if slab.shape[2] != self.slab_depth:
+        if check_depth and slab.shape[2] != self.slab_depth:
             raise ModelError(f"slab depth {slab.shape[2]} differs from the model card's D = {self.slab_depth}")
         if slab.shape[-1] != self.input_size or slab.shape[-2] != self.input_size:
             raise ValueError(f"slices must be {self.input_size}x{self.input_size}, got {tuple(slab.shape[-2:])}")
@@ -192,7 +199,16 @@ class MaskSAM(nn.Module):
 
     def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
                          decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S)."""
+        """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S).
+
+        ``decode``: (G, N) bool choosing the (slab, query) pairs to decode, ``None`` for all, a callable that
+        receives the prompt generator's ``{"aux_mask_logits", "aux_boxes"}`` and returns that bool tensor (training
+        decodes only the queries matched to a target), or ``"nonempty"``
+        for the queries whose binarised auxiliary mask is non-empty on at least one slice of the slab. The
+        latter is lossless for semantic fusion only approximately: a query with an empty auxiliary mask still
+        gets a box prompt and could produce a mask; it is skipped as "nothing there" (measured in
+        ``benchmarks/bench_predict.py``).
+        """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
         pg = self.prompt_generator(list(features), stem_out)
@@ -202,6 +218,12 @@ class MaskSAM(nn.Module):
         masks = masks.view(g, d, n, s, s)
         if decode is None:
             decode = torch.ones(g, n, dtype=torch.bool, device=stem_out.device)
+        elif callable(decode):
+            decode = decode({"aux_mask_logits": aux, "aux_boxes": pg["box_head"]})
+        elif isinstance(decode, str):
+            if decode != "nonempty":
+                raise ValueError(f"decode must be a (G, N) bool tensor, None or 'nonempty', not {decode!r}")
+            decode = masks.flatten(3).amax(dim=(1, 3)) > 0  # (G, N): the query's aux mask is non-empty somewhere
         if decode.shape != (g, n):
             raise ValueError(f"decode must have shape {(g, n)}, got {tuple(decode.shape)}")
         sel_g, sel_q = torch.nonzero(decode, as_tuple=True)  # groups (slab, query), in (g, q) order
@@ -224,7 +246,12 @@ class MaskSAM(nn.Module):
             pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, item_d)
             tokens = pg["tokens"].view(g, d, n, -1)[item_g, item_d, item_q]
             emb = features[0][slice_idx]
-            m, logits = self.decoder(emb, pe.to(emb.dtype), sparse.to(emb.dtype), dense.to(emb.dtype), tokens)
+            chunk = n_sel * d if torch.is_grad_enabled() else self.decode_chunk(d)
+            parts = [self.decoder(emb[i:i + chunk], pe[i:i + chunk].to(emb.dtype), sparse[i:i + chunk].to(emb.dtype),
+                                  dense[i:i + chunk].to(emb.dtype), tokens[i:i + chunk])
+                     for i in range(0, n_sel * d, chunk)]
+            m = torch.cat([p[0] for p in parts])
+            logits = torch.cat([p[1] for p in parts])
             pred_masks = pred_masks.index_put((item_g, item_q, item_d), m[:, 0].to(dtype))
             pred_logits = pred_logits.index_put((item_g, item_q, item_d), logits.to(dtype))
         if self.refine is not None:

@@ -1,0 +1,49 @@
+"""Pieces of the inference engine and training bookkeeping that need no model."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from masksam_core.inference.slabs import depth_weights, plane_weights, window_starts
+from masksam_core.training.state import load_state, restore_rng, rng_state, save_state
+
+
+@pytest.mark.parametrize("length,window,stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (30, 8, 8), (100, 8, 4), (7, 8, 8)])
+def test_windows_cover_everything(length, window, stride):
+    starts = window_starts(length, window, stride)
+    covered = set()
+    for s in starts:
+        covered.update(range(s, min(s + window, length)))
+    assert covered == set(range(length))
+    assert starts == sorted(set(starts)) and starts[0] == 0
+    assert all(s + window <= max(length, window) for s in starts)
+
+
+def test_blending_weights():
+    w = depth_weights(8)
+    assert w.shape == (8,) and (w > 0).all() and w[3] == w.max() and np.allclose(w, w[::-1])
+    assert depth_weights(1).tolist() == [1.0]
+    p = plane_weights(64)
+    assert p.shape == (64, 64) and p.max() == 1.0 and p.min() >= 1e-3
+
+
+def test_training_state_restores_every_random_stream(tmp_path):
+    rng = np.random.default_rng(3)
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(7)
+    random.seed(11)
+    rng.random(3), torch.rand(2, generator=gen)
+    save_state(tmp_path, {"rng": rng_state(rng, gen), "step": 4})
+    expected = (rng.random(4), torch.rand(3, generator=gen), torch.rand(2), random.random())
+    rng2 = np.random.default_rng(0)
+    gen2 = torch.Generator()
+    state = load_state(tmp_path)
+    restore_rng(state["rng"], rng2, gen2)
+    got = (rng2.random(4), torch.rand(3, generator=gen2), torch.rand(2), random.random())
+    assert np.array_equal(expected[0], got[0])
+    assert torch.equal(expected[1], got[1]) and torch.equal(expected[2], got[2])
+    assert expected[3] == got[3]
+    assert [p.name for p in tmp_path.iterdir()] == ["training_state.pt"]

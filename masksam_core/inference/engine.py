@@ -1,0 +1,308 @@
+"""The slab engine: a volume in, an organ labelmap on exactly the input grid out.
+
+Steps (``segment``):
+1. to model space: reorient to LPS axes and resample to the card's spacing (``data.geometry``);
+2. find the body (CT: largest component above -500 HU) and skip the air around it, in-plane and along z;
+3. normalise intensities as the card says;
+4. slide slabs of D slices along z (overlap 50 %, none in fast mode) and 256-px tiles in-plane
+   (only when the body is wider than a tile); run MaskSAM; per-slice encoder features are reused across
+   overlapping slabs when the encoder treats slices independently (the CPU recipe);
+5. blend the semantic probabilities Σ_q softmax(class_q)·sigmoid(mask_q) with tent (z) and Gaussian (in-plane)
+   weights; argmax; optional largest-component clean-up per organ;
+6. resample the labels (nearest neighbour) onto the input image's own grid: same size, spacing, origin and
+   direction whatever the orientation.
+
+Memory stays bounded: only the body box's class probabilities (C x Zb x Yb x Xb, float32) and the features of
+the slices of the current slabs are held.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError
+from ..model.card import ModelCard
+from ..model.masksam import MaskSAM, semantic_probabilities
+from .slabs import depth_weights, plane_weights, window_starts
+
+ProgressFn = Callable[[str, int, int], None]
+CT_MODES = ("ct_window", "ct_zscore")
+BODY_HU = -500.0
+
+
+@dataclass
+class InferenceOptions:
+    """How to run the engine.
+
+    fast: coarser z spacing (x1.5) and no slab overlap, for CPU-only users.
+    overlap: fraction of a slab shared with the next one (0.5 by default; 0 in fast mode).
+    prune_empty_queries: do not run SAM's decoder for queries whose auxiliary mask is empty on the whole slab.
+    skip_outside_body: crop to the body (CT) before segmenting.
+    cleanup: keep only the largest connected component of each organ.
+    precision: "auto" (bf16 where the CPU or GPU supports it), "bf16" or "fp32".
+    """
+
+    device: str = "auto"
+    fast: bool = False
+    overlap: float = 0.5
+    prune_empty_queries: bool = True
+    skip_outside_body: bool = True
+    cleanup: bool = False
+    precision: str = "auto"
+    threads: Optional[int] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """bf16 for autocast, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def body_box(hu_zyx: np.ndarray, threshold: float = BODY_HU) -> Optional[Tuple[slice, slice, slice]]:
+    """Bounding box (z, y, x slices) of the largest connected region above ``threshold``; None if nothing."""
+    from scipy import ndimage
+
+    fg = hu_zyx > threshold
+    if not fg.any():
+        return None
+    fg = ndimage.binary_opening(fg, iterations=1) if fg.sum() > 1000 else fg
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    return ndimage.find_objects((labels == largest).astype(np.uint8))[0]
+
+
+def largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep the largest 3D connected component of each label value (others become background)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for value in range(1, num_classes):
+        mask = labels == value
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())[1:]
+            out[mask & (comp != int(np.argmax(sizes)) + 1)] = 0
+    return out
+
+
+class _FeatureCache:
+    """Per-slice encoder features, least-recently-used, for encoders that see each slice alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: "OrderedDict[Tuple[int, int], List[torch.Tensor]]" = OrderedDict()
+
+    def get(self, key):
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+
+class SlabEngine:
+    """Runs a loaded MaskSAM over a normalised model-space volume and returns blended class probabilities."""
+
+    def __init__(self, model: MaskSAM, options: InferenceOptions) -> None:
+        self.model = model
+        self.options = options
+        self.device = next(model.parameters()).device
+        self.amp = autocast_dtype(self.device, options.precision)
+
+    def _features_for(self, tile_key: int, z_indices: List[int], slab: torch.Tensor, stem_out: torch.Tensor,
+                      cache: Optional[_FeatureCache]) -> List[torch.Tensor]:
+        if cache is None:
+            return self.model.encode(stem_out)
+        missing = [d for d, z in enumerate(z_indices) if cache.get((tile_key, z)) is None]
+        if missing:
+            sub = stem_out[:, :, missing]
+            g, c, m, s, _ = sub.shape
+            feats = self.model.encoder(sub.transpose(1, 2).reshape(g * m, c, s, s))
+            for j, d in enumerate(missing):
+                cache.put((tile_key, z_indices[d]), [f[j: j + 1] for f in feats])
+        per_slice = [cache.get((tile_key, z)) for z in z_indices]
+        return [torch.cat([ps[k] for ps in per_slice], dim=0) for k in range(len(per_slice[0]))]
+
+    def run(self, volume: np.ndarray, pad_value: float, progress: Optional[ProgressFn] = None) -> np.ndarray:
+        """volume: (Z, Y, X) normalised float32 -> probabilities (C, Z, Y, X) float32 (background included)."""
+        model, opts = self.model, self.options
+        d = model.slab_depth
+        s = model.input_size
+        nz, ny, nx = volume.shape
+        overlap = 0.0 if opts.fast else min(max(opts.overlap, 0.0), 0.9)
+        z_stride = max(1, int(round(d * (1.0 - overlap))))
+        z_starts = window_starts(nz, d, z_stride)
+        y_starts = window_starts(ny, s, s // 2)
+        x_starts = window_starts(nx, s, s // 2)
+        tiles = [(y0, x0) for y0 in y_starts for x0 in x_starts]
+        w_depth = depth_weights(d)
+        w_plane = plane_weights(s) if len(tiles) > 1 else np.ones((s, s), np.float32)
+        c = model.num_classes
+        probs = np.zeros((c, nz, ny, nx), np.float32)
+        weight = np.zeros((nz, ny, nx), np.float32)
+        cache = _FeatureCache(capacity=2 * d) if model.encoder_is_per_slice else None
+        total = len(tiles) * len(z_starts)
+        done = 0
+        decode = "nonempty" if opts.prune_empty_queries else None
+        for t, (y0, x0) in enumerate(tiles):
+            hy, wx = min(s, ny - y0), min(s, nx - x0)
+            oy, ox = (s - hy) // 2, (s - wx) // 2  # centre small regions in the tile
+            for z0 in z_starts:
+                z_idx = [z0 + k for k in range(d)]
+                valid = [z < nz for z in z_idx]
+                slab = np.full((d, s, s), pad_value, np.float32)
+                nvalid = sum(valid)
+                slab[:nvalid, oy:oy + hy, ox:ox + wx] = volume[z0:z0 + nvalid, y0:y0 + hy, x0:x0 + wx]
+                x = torch.from_numpy(slab)[None, None].to(self.device)
+                with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                                            enabled=self.amp is not None):
+                    stem_out = model.apply_stem(x)
+                    feats = self._features_for(t, [z if z < nz else -1 - z for z in z_idx], x, stem_out, cache)
+                    out = model.forward_features(feats, stem_out, decode=decode)
+                    sem = semantic_probabilities(out, size=(s, s))  # (D, C, S, S)
+                sem = sem.float().cpu().numpy()[:nvalid, :, oy:oy + hy, ox:ox + wx]
+                w = (w_depth[:nvalid, None, None] * w_plane[None, oy:oy + hy, ox:ox + wx]).astype(np.float32)
+                probs[:, z0:z0 + nvalid, y0:y0 + hy, x0:x0 + wx] += sem.transpose(1, 0, 2, 3) * w[None]
+                weight[z0:z0 + nvalid, y0:y0 + hy, x0:x0 + wx] += w
+                done += 1
+                if progress:
+                    progress("segment", done, total)
+        probs /= np.maximum(weight, 1e-8)[None]
+        return probs
+
+
+def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optional[InferenceOptions] = None,
+            progress: Optional[ProgressFn] = None) -> Tuple[sitk.Image, Dict]:
+    """Segment ``image`` with ``model``; returns the labelmap on the input grid and the sidecar dict.
+
+    The labelmap (uint8) has exactly the input's size, spacing, origin and direction. The sidecar holds
+    ``labels`` {value: name}, ``organs`` {name: {volume_ml, confidence, voxels}} for organs found,
+    ``model`` (the card's identity), ``runtime_s`` and the options used.
+    """
+    from ..data.geometry import resample_to_reference, to_model_space
+    from ..data.intensity import normalize_intensity
+
+    options = options or InferenceOptions()
+    start = time.perf_counter()
+    if options.threads or torch.get_num_threads() > physical_cores():
+        torch.set_num_threads(options.threads or physical_cores())
+    _check_image(image)
+    spacing = list(card.target_spacing)
+    if options.fast:
+        spacing[2] *= 1.5
+    if progress:
+        progress("preprocess", 0, 1)
+    work = to_model_space(sitk.Cast(image, sitk.sitkFloat32), spacing, sitk.sitkLinear,
+                          default_value=float(np.min(sitk.GetArrayViewFromImage(image))))
+    raw = sitk.GetArrayFromImage(work)  # (z, y, x)
+    norm_spec = card.normalization
+    box = None
+    if options.skip_outside_body and norm_spec.get("mode") in CT_MODES:
+        box = body_box(raw)
+    if box is None:
+        box = tuple(slice(0, n) for n in raw.shape)
+    region = normalize_intensity(raw[box], norm_spec).astype(np.float32)
+    pad_value = float(normalize_intensity(np.array([-1024.0 if norm_spec.get("mode") in CT_MODES else 0.0],
+                                                   np.float32), norm_spec)[0]) \
+        if norm_spec.get("mode") in CT_MODES else float(region.min())
+    if progress:
+        progress("preprocess", 1, 1)
+    engine = SlabEngine(model, options)
+    probs = engine.run(region, pad_value, progress)
+    labels_box = probs.argmax(axis=0).astype(np.uint8)
+    conf_box = probs.max(axis=0)
+    del probs
+    if options.cleanup:
+        labels_box = largest_components(labels_box, model.num_classes)
+    labels = np.zeros(raw.shape, np.uint8)
+    labels[box] = labels_box
+    if progress:
+        progress("postprocess", 0, 1)
+    label_img = sitk.GetImageFromArray(labels)
+    label_img.CopyInformation(work)
+    out = resample_to_reference(label_img, image, sitk.sitkNearestNeighbor, 0)
+    out = sitk.Cast(out, sitk.sitkUInt8)
+    sidecar = _sidecar(out, labels_box, conf_box, card, options, time.perf_counter() - start)
+    if progress:
+        progress("postprocess", 1, 1)
+    return out, sidecar
+
+
+def _check_image(image: sitk.Image) -> None:
+    if image.GetDimension() != 3:
+        raise InputError(f"expected a 3D image, got a {image.GetDimension()}D image")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("expected a scalar image, got a vector (multi-component) image")
+
+
+def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, card: ModelCard,
+             options: InferenceOptions, runtime: float) -> Dict:
+    arr = sitk.GetArrayViewFromImage(out)
+    counts = np.bincount(arr.ravel(), minlength=len(card.classes) + 1)
+    voxel_ml = float(np.prod(out.GetSpacing())) / 1000.0
+    organs = {}
+    for entry in card.classes:
+        v = int(entry["value"])
+        if counts[v] == 0:
+            continue
+        inside = labels_model == v
+        conf = float(conf_model[inside].mean()) if inside.any() else None
+        organs[entry["name"]] = {"value": v, "volume_ml": round(float(counts[v]) * voxel_ml, 3),
+                                 "confidence": None if conf is None else round(conf, 4), "voxels": int(counts[v])}
+    return {
+        "labels": {str(k): v for k, v in card.labels().items()},
+        "organs": organs,
+        "model": card.identity(),
+        "options": asdict(options),
+        "runtime_s": round(runtime, 3),
+        "geometry": {"size": list(out.GetSize()), "spacing": list(out.GetSpacing()), "origin": list(out.GetOrigin()),
+                     "direction": list(out.GetDirection())},
+    }

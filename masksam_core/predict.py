@@ -1,0 +1,214 @@
+"""``python -m masksam_core.predict``: segment the organs of a CT or MR volume.
+
+    python -m masksam_core.predict -i INPUT -o OUTPUT [--model DIR] [--device auto|cpu|cuda] [--fast]
+        [--format nii.gz|nrrd|seg.nrrd|dicom-seg] [--overwrite] [--progress json]
+
+INPUT is a NIfTI, NRRD or MHA file, a DICOM series folder (the largest series, or ``--series-uid``), or a folder of
+volume files (batch: OUTPUT is then a folder with one result per input). The labelmap is written on exactly the
+input grid, atomically, with a JSON sidecar (OUTPUT with ``.json``) holding the labels, each organ's volume and
+confidence, the model's identity and the run time. ``--demo`` segments TotalSegmentator's example CT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .cli_util import run_cli
+from .errors import InputError, MaskSAMError, OutputError
+
+FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def default_model_dir() -> Path:
+    """The bundled default model folder (``masksam_core/models/default``)."""
+    return Path(__file__).resolve().parent / "models" / "default"
+
+
+def resolve_model_dir(model: Optional[str]) -> Path:
+    if model:
+        return Path(model)
+    default = default_model_dir()
+    if not (default / "model.json").exists():
+        raise MaskSAMError("no bundled default model is installed yet: pass a model folder with --model DIR "
+                           "(make one with `python -m masksam_core.train` or `python -m masksam_core.model init`)")
+    return default
+
+
+def strip_volume_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in (".seg.nrrd",) + VOLUME_SUFFIXES + (".dcm",):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sidecar_path(output: Path) -> Path:
+    """OUTPUT with ``.json`` instead of its image extension (``liver.nii.gz`` -> ``liver.json``)."""
+    return output.with_name(strip_volume_suffix(output.name) + ".json")
+
+
+def output_format(output: Path, fmt: Optional[str]) -> str:
+    if fmt:
+        return fmt
+    name = output.name.lower()
+    if name.endswith(".seg.nrrd"):
+        return "seg.nrrd"
+    if name.endswith(".dcm"):
+        return "dicom-seg"
+    for suffix in (".nii.gz", ".nrrd"):
+        if name.endswith(suffix):
+            return suffix[1:]
+    if name.endswith((".nii", ".mha")):
+        return name.rsplit(".", 1)[-1]
+    raise MaskSAMError(f"cannot tell the output format from {output.name!r}; use --format or an extension "
+                       f"({', '.join(FORMATS)})")
+
+
+def _extension(fmt: str) -> str:
+    return {"dicom-seg": ".dcm"}.get(fmt, "." + fmt)
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def plan_jobs(inp: Path, out: Path, fmt: Optional[str]) -> List[Tuple[Path, Path, str]]:
+    """(input, output, format) for each volume to segment; a folder of volume files is a batch."""
+    if not inp.exists():
+        raise InputError(f"input not found: {inp}")
+    if inp.is_dir():
+        volumes = sorted(p for p in inp.iterdir() if is_volume_file(p))
+        if volumes:
+            if out.exists() and not out.is_dir():
+                raise OutputError(f"input is a folder of volumes, so the output must be a folder: {out} is a file")
+            batch_fmt = fmt or "nii.gz"
+            return [(p, out / (strip_volume_suffix(p.name) + _extension(batch_fmt)), batch_fmt) for p in volumes]
+    return [(inp, out, output_format(out, fmt))]
+
+
+def _check_outputs(jobs, overwrite: bool) -> None:
+    for _, out, _ in jobs:
+        for path in (out, sidecar_path(out)):
+            if path.exists() and not overwrite:
+                raise OutputError(f"{path} exists; use --overwrite to replace it")
+
+
+def make_progress(mode: Optional[str]) -> Tuple[Callable[[str, int, int], None], Callable[[], None]]:
+    """A progress callback (JSON lines or a tqdm bar for the slab loop) and a closer."""
+    if mode == "json":
+        def report(stage: str, done: int, total: int) -> None:
+            print(json.dumps({"stage": stage, "done": done, "total": total}), flush=True)
+        return report, lambda: None
+    bars: Dict[str, object] = {}
+
+    def report_bar(stage: str, done: int, total: int) -> None:
+        if stage != "segment":
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc="segment", unit="slab", file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+
+    return report_bar, close
+
+
+def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source: Path, overwrite: bool) -> None:
+    """Write the labelmap in ``fmt`` and its JSON sidecar, each atomically."""
+    from .data.volume_io import atomic_output, write_dicom_seg, write_labelmap, write_seg_nrrd
+
+    if fmt == "seg.nrrd":
+        write_seg_nrrd(labelmap, output, card.classes, overwrite=overwrite)
+    elif fmt == "dicom-seg":
+        if not source.is_dir():
+            raise InputError("--format dicom-seg needs a DICOM series folder as input")
+        write_dicom_seg(labelmap, source, output, card.classes, overwrite=overwrite)
+    else:
+        write_labelmap(labelmap, output, overwrite=overwrite)
+    with atomic_output(sidecar_path(output), overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m masksam_core.predict", description=__doc__.splitlines()[0])
+    p.add_argument("-i", "--input", help="volume file, DICOM series folder, or folder of volumes")
+    p.add_argument("-o", "--output", help="output file (or folder for a batch)")
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--sam-checkpoint", help="SAM checkpoint file, for models on a ViT backbone")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--fast", action="store_true", help="coarser z spacing and no slab overlap (CPU users)")
+    p.add_argument("--format", choices=FORMATS, help="output format (default: from the output's extension)")
+    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to use when the folder holds several series")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--progress", choices=("bar", "json"), default="bar", help="progress as a bar or JSON lines")
+    p.add_argument("--cleanup", action="store_true", help="keep only the largest connected part of each organ")
+    p.add_argument("--no-prune", action="store_true", help="decode every query, even those with empty masks")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--demo", action="store_true", help="segment TotalSegmentator's example CT (downloaded once)")
+    return p
+
+
+def _install_term_handler() -> None:
+    def handler(signum, frame):  # SIGTERM from Slicer's Cancel: unwind so temporary files are removed
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _install_term_handler()
+    if args.demo:
+        from .demo import run_demo
+
+        return run_demo(args)
+    if not args.input or not args.output:
+        raise MaskSAMError("give an input (-i) and an output (-o), or --demo")
+    import torch  # noqa: F401  (after argument errors, which should be fast)
+
+    from . import load_model, segment
+    from .data.volume_io import read_volume
+    from .inference.engine import InferenceOptions, resolve_device
+
+    model_dir = resolve_model_dir(args.model)
+    jobs = plan_jobs(Path(args.input), Path(args.output), args.format)
+    _check_outputs(jobs, args.overwrite)
+    device = resolve_device(args.device)
+    model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+    options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
+                               cleanup=args.cleanup, precision=args.precision)
+    report, close = make_progress(args.progress)
+    try:
+        for k, (src, out, fmt) in enumerate(jobs):
+            report("read", k, len(jobs))
+            image = read_volume(src, series_uid=args.series_uid)
+            labelmap, sidecar = segment(image, model, card, options, progress=report)
+            sidecar["input"] = str(src)
+            report("write", 0, 1)
+            write_outputs(labelmap, sidecar, out, fmt, card, src, args.overwrite)
+            report("write", 1, 1)
+            if args.progress != "json":
+                close()
+                organs = ", ".join(f"{n} {o['volume_ml']:.0f} ml" for n, o in sidecar["organs"].items()) or "none"
+                print(f"{out}: {len(sidecar['organs'])} organs ({organs}) in {sidecar['runtime_s']:.1f} s")
+    finally:
+        close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

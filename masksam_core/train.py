@@ -1,0 +1,80 @@
+"""``python -m masksam_core.train``: train or fine-tune MaskSAM on labelled volumes.
+
+    python -m masksam_core.train --data DIR --out DIR [--config FILE] [--backbone litemedsam|vit_b|vit_l|vit_h]
+        [--sam-checkpoint PATH] [--classes a,b,c] [--init-from MODEL_DIR] [--epochs N | --max-steps N]
+        [--val-cases a,b | --val-fraction F | --val-slices CASE:18-23,42-47] [--resume] [--device auto|cpu|cuda]
+        [--seed S] [--recipe auto|cpu|gpu]
+
+DIR is an nnU-Net v2 raw dataset (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json``) or
+an MSD-style one. The output folder is a model folder that ``predict`` loads directly (the best weights by
+validation Dice), with ``latest/`` (updated every epoch), the training state for ``--resume``, the CSV log,
+``curves.png`` and ``summary.json``. Every option can also be given in a YAML or JSON ``--config`` file; the
+effective configuration is saved as ``train_config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+from .cli_util import run_cli
+from .training.config import TrainConfig, merge_config, read_config_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m masksam_core.train", description=__doc__.splitlines()[0],
+                                argument_default=None)
+    p.add_argument("--data", help="dataset folder (nnU-Net v2 raw or MSD layout)")
+    p.add_argument("--out", help="output model folder")
+    p.add_argument("--config", help="YAML or JSON file with any of these options")
+    p.add_argument("--backbone", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    p.add_argument("--sam-checkpoint", help="official SAM checkpoint (for vit_*)")
+    p.add_argument("--input-size", type=int, choices=(256, 512, 1024), help="ViT input size (default 512)")
+    p.add_argument("--classes", help="comma-separated class names to keep (default: all in dataset.json)")
+    p.add_argument("--init-from", help="fine-tune this model folder")
+    p.add_argument("--recipe", choices=("auto", "cpu", "gpu"),
+                   help="cpu: cached frozen-encoder features (default without CUDA); gpu: the spec's full recipe")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int)
+    p.add_argument("--steps-per-epoch", type=int, help="steps between validations and checkpoints")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--val-cases", help="comma-separated validation case ids")
+    v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
+    v.add_argument("--val-slices", help="within-case split, e.g. 's1:18-23,42-47' (original slice indices)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--slab-depth", type=int)
+    p.add_argument("--num-queries", type=int)
+    p.add_argument("--spacing", type=lambda t: [float(x) for x in t.split(",")], help="target spacing x,y,z (mm)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case (1 plain + augmented)")
+    p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
+    p.add_argument("--progress", choices=("bar", "json"))
+    p.add_argument("--name", help="model name for the card")
+    return p
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k != "config"}
+    file_values = read_config_file(args.config) if args.config else {}
+    return merge_config(file_values, cli)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_config(argv)
+    from .training.runner import run_training
+
+    summary = run_training(cfg)
+    if cfg.progress == "json":
+        print(json.dumps({"stage": "done", **{k: summary[k] for k in ("best_step", "best_dice_mean") if k in summary}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,99 @@
+"""Training configuration: defaults < config file (YAML or JSON) < command-line options.
+
+The effective configuration is saved with the model (``train_config.json``) so a run can be repeated.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import MaskSAMError
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``python -m masksam_core.train`` (see ``--help``)."""
+
+    data: Optional[str] = None
+    out: Optional[str] = None
+    backbone: str = "litemedsam"
+    sam_checkpoint: Optional[str] = None
+    input_size: Optional[int] = None
+    classes: Optional[List[str]] = None
+    class_map: Optional[Dict[str, Any]] = None
+    init_from: Optional[str] = None
+    recipe: str = "auto"
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    val_cases: Optional[List[str]] = None
+    val_fraction: Optional[float] = None
+    val_slices: Optional[str] = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    seed: int = 0
+    slab_depth: int = 8
+    num_queries: int = 16
+    spacing: List[float] = field(default_factory=lambda: [1.6, 1.6, 3.0])
+    normalization: Dict[str, Any] = field(default_factory=lambda: {"mode": "ct_window", "window": [-160.0, 240.0]})
+    lr: Optional[float] = None
+    batch_size: int = 1
+    precision: str = "auto"
+    feature_copies: int = 4
+    prompt_fraction: float = 0.25
+    augmentation: Dict[str, Any] = field(default_factory=dict)
+    num_points: int = 12544
+    cache_dir: Optional[str] = None
+    progress: str = "bar"
+    name: Optional[str] = None
+    description: str = ""
+    prompt_channels: Optional[List[int]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MaskSAMError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise MaskSAMError(f"config file {p} is not valid {p.suffix[1:].upper() or 'JSON'}: "
+                           f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MaskSAMError(f"config file {p} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> TrainConfig:
+    """defaults < file < CLI (CLI values of None mean "not given")."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise MaskSAMError(f"unknown option(s) in the config file: {', '.join(unknown)}")
+    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None and k in names}}
+    cfg = TrainConfig(**merged)
+    if isinstance(cfg.classes, str):
+        cfg.classes = [c.strip() for c in cfg.classes.split(",") if c.strip()]
+    if isinstance(cfg.val_cases, str):
+        cfg.val_cases = [c.strip() for c in cfg.val_cases.split(",") if c.strip()]
+    if cfg.epochs is not None and cfg.max_steps is not None:
+        raise MaskSAMError("give --epochs or --max-steps, not both")
+    if cfg.recipe not in ("auto", "cpu", "gpu"):
+        raise MaskSAMError(f"recipe must be auto, cpu or gpu, not {cfg.recipe!r}")
+    if len(cfg.spacing) != 3 or min(float(v) for v in cfg.spacing) <= 0:
+        raise MaskSAMError("spacing needs three positive numbers (x, y, z in mm)")
+    if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
+        raise MaskSAMError("--val-fraction must be between 0 and 1")
+    return cfg

@@ -1,0 +1,211 @@
+"""The training loop: steps, validation, checkpoints, exact resume, DDP.
+
+A step takes a batch from a :class:`BatchSource` (slabs of D slices with labels, and for the CPU recipe the cached
+encoder features), runs MaskSAM, matches predictions to per-slice targets (Hungarian) and applies the set
+criterion. Staging (CPU recipe): for the first ``prompt_steps`` steps only the prompt generator learns (no SAM
+decode); afterwards SAM's decoder runs for the queries matched to a target plus a few unmatched non-empty ones
+(so that "no object" is learned), never for the others.
+
+Everything that decides the run's future (weights, optimizer, step, sampler and augmentation RNG states) is
+checkpointed atomically at each epoch end, so ``--resume`` after a kill continues exactly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..model.masksam import MaskSAM, semantic_probabilities
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .targets import slice_targets
+
+IGNORE = 255
+
+
+@dataclass
+class Batch:
+    """slab (G, 1, D, S, S) normalised; label (G, D, S, S) int64 with 255 = ignore; features: cached encoder
+    outputs [(G·D, C_k, h_k, w_k)] or None."""
+
+    slab: torch.Tensor
+    label: torch.Tensor
+    features: Optional[List[torch.Tensor]] = None
+
+
+class BatchSource(Protocol):
+    def train_batch(self, rng: np.random.Generator, gen: torch.Generator) -> Batch: ...
+
+    def val_batches(self) -> Iterator[Batch]: ...
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    steps_per_epoch: int
+    lr: float = 1e-3
+    weight_decay: float = 3e-5
+    adam_eps: float = 1e-4
+    grad_clip: float = 12.0
+    poly_power: float = 0.9
+    prompt_steps: int = 0
+    extra_unmatched: int = 2
+    decode_all: bool = False
+    num_points: int = 12544
+    precision: str = "auto"
+    val_every_epochs: int = 1
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - min(step, total) / max(total, 1)) ** power
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class Trainer:
+    """Owns the optimizer, the matcher and criterion, and the train/validation steps."""
+
+    def __init__(self, model: MaskSAM, cfg: LoopConfig, device: torch.device, amp: Optional[torch.dtype],
+                 ddp_model: Optional[torch.nn.Module] = None) -> None:
+        self.model = model
+        self.net = ddp_model or model
+        self.cfg = cfg
+        self.device = device
+        self.amp = amp
+        c = model.num_classes
+        self.matcher = HungarianMatcher(num_points=cfg.num_points)
+        self.criterion = SetCriterion(num_classes=c, matcher=self.matcher, num_points=cfg.num_points,
+                                      **({"weight_dict": {**SetCriterion.default_weights(), **cfg.loss_weights}}
+                                         if cfg.loss_weights else {}))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.step = 0
+
+    # ------------------------------------------------------------------ decode choice
+    def _decode_fn(self, targets: List[Dict], gen: torch.Generator, g: int, d: int) -> Callable:
+        n = self.model.config.num_queries
+        cfg = self.cfg
+
+        def choose(pg: Dict[str, torch.Tensor]) -> torch.Tensor:
+            if cfg.decode_all:
+                return torch.ones(g, n, dtype=torch.bool, device=pg["aux_boxes"].device)
+            with torch.no_grad():
+                aux_only = {"aux_mask_logits": pg["aux_mask_logits"].float(), "aux_boxes": pg["aux_boxes"].float()}
+                indices = self.matcher(aux_only, targets, generator=gen)
+                chosen = torch.zeros(g, n, dtype=torch.bool)
+                for s, (pi, _) in enumerate(indices):
+                    chosen[s // d, pi.cpu()] = True
+                nonempty = (pg["aux_mask_logits"] > 0).flatten(2).any(-1).view(g, d, n).any(1).cpu()
+                for gi in range(g):
+                    spare = torch.nonzero(nonempty[gi] & ~chosen[gi]).flatten()
+                    if spare.numel() and cfg.extra_unmatched:
+                        pick = spare[torch.randperm(spare.numel(), generator=gen)[: cfg.extra_unmatched]]
+                        chosen[gi, pick] = True
+            return chosen.to(pg["aux_boxes"].device)
+
+        return choose
+
+    def _forward(self, batch: Batch, decode) -> Dict[str, torch.Tensor]:
+        slab = batch.slab.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if batch.features is not None:
+                stem_out = self.model.apply_stem(slab)
+                feats = [f.to(self.device, non_blocking=True) for f in batch.features]
+                return self.model.forward_features(feats, stem_out, decode=decode)
+            return self.net(slab, decode=decode)
+
+    def train_step(self, batch: Batch, gen: torch.Generator,
+                   after_backward: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+        """One optimisation step; ``after_backward`` runs between backward and the update (gradient averaging)."""
+        self.model.train()
+        g, d = batch.label.shape[:2]
+        labels = batch.label.to(self.device).view(g * d, *batch.label.shape[2:])
+        targets = slice_targets(labels, self.model.num_classes, ignore_index=IGNORE)
+        keep = _slice_weights(labels)
+        prompt_only = self.step < self.cfg.prompt_steps
+        if prompt_only:
+            decode = torch.zeros(g, self.model.config.num_queries, dtype=torch.bool, device=self.device)
+        else:
+            decode = self._decode_fn(targets, gen, g, d)
+        lr = poly_lr(self.cfg.lr, self.step, self.cfg.max_steps, self.cfg.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        outputs = self._forward(batch, decode)
+        outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
+        outputs, targets = _drop_ignored(outputs, targets, keep)
+        if prompt_only:
+            outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
+        losses = self.criterion(outputs, targets, generator=gen)
+        total = self.criterion.weighted_total(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if after_backward is not None:
+            after_backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        row = {"loss": float(total.detach()), "lr": lr}
+        row.update({k: float(v.detach()) for k, v in losses.items()})
+        return row
+
+    @torch.no_grad()
+    def validate(self, batches: Iterator[Batch]) -> Dict[str, float]:
+        """Dice per class (index >= 1) over all validation voxels (labels != 255), plus their mean."""
+        self.model.eval()
+        c = self.model.num_classes
+        inter = np.zeros(c, np.float64)
+        psum = np.zeros(c, np.float64)
+        tsum = np.zeros(c, np.float64)
+        for batch in batches:
+            with torch.inference_mode():
+                out = self._forward(batch, decode="nonempty")
+                sem = semantic_probabilities(out, size=batch.slab.shape[-2:])
+            pred = sem.argmax(1).cpu().numpy()
+            lab = batch.label.reshape(pred.shape).cpu().numpy()
+            valid = lab != IGNORE
+            for k in range(1, c):
+                p = (pred == k) & valid
+                t = (lab == k) & valid
+                inter[k] += np.logical_and(p, t).sum()
+                psum[k] += p.sum()
+                tsum[k] += t.sum()
+        if dist.is_initialized():
+            stacked = torch.tensor(np.stack([inter, psum, tsum]))
+            dist.all_reduce(stacked)
+            inter, psum, tsum = stacked.numpy()
+        dice = {}
+        for k in range(1, c):
+            if tsum[k] > 0:
+                dice[k] = float(2 * inter[k] / (psum[k] + tsum[k]))
+        return dice
+
+    def state(self) -> Dict:
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+
+def _slice_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(S,) bool: slices with at least one labelled (non-ignored) voxel."""
+    return (labels != IGNORE).flatten(1).any(1)
+
+
+def _drop_ignored(outputs: Dict[str, torch.Tensor], targets: List[Dict], keep: torch.Tensor):
+    """Remove fully ignored slices (padding, validation slices) from outputs and targets."""
+    if bool(keep.all()):
+        return outputs, targets
+    idx = torch.nonzero(keep).flatten()
+    out = {k: v[idx.to(v.device)] for k, v in outputs.items()}
+    return out, [targets[i] for i in idx.tolist()]

@@ -1,0 +1,270 @@
+"""Orchestrates a training run: data checks and caches, model, loop, checkpoints, logs, summary.
+
+Output folder (``--out``):
+- ``model.json`` + ``weights.pt``: the best model by validation Dice (the last one without validation); the
+  folder itself is a model folder that ``predict`` loads;
+- ``latest/``: a model folder updated at every epoch end;
+- ``state/training_state.pt``: optimizer, step, RNG states for ``--resume``;
+- ``train_config.json`` (effective configuration), ``train_log.csv``, ``curves.png``, ``summary.json``.
+
+Multi-GPU: under ``torchrun`` each process samples its own batches (seed + rank) and the gradients of the trained
+parameters are averaged across processes after every backward pass (what DistributedDataParallel does, done
+explicitly so that it also covers the cached-feature path, which bypasses the module's ``forward``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import MaskSAMError, OutputError
+from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, resolve_device
+from ..model.backbones import load_backbone
+from ..model.card import CARD_FILE, ModelCard, make_card
+from ..model.folder import load_model, save_model_folder
+from ..model.masksam import MaskSAM
+from ..model.recipes import architecture_for_recipe
+from .config import TrainConfig
+from .loop import LoopConfig, Trainer
+from .progress_log import Progress, TrainingLog, plot_curves
+from .state import load_state, restore_rng, rng_state, save_state
+
+STATE_DIR = "state"
+LATEST_DIR = "latest"
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def setup_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def average_gradients(params: List[torch.nn.Parameter], world: int) -> None:
+    """All-reduce (mean) the gradients of ``params``; a missing gradient counts as zero on that process."""
+    if world <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def trained_parts(model: MaskSAM) -> List[str]:
+    """Names of the trained sub-modules (for the model card)."""
+    parts = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = ".".join(name.split(".")[:2]) if name.startswith(("decoder.", "encoder.")) else name.split(".")[0]
+            if key not in parts:
+                parts.append(key)
+    return parts
+
+
+def write_model_files(model: MaskSAM, card: ModelCard, folder: Path) -> None:
+    """Write ``weights.pt`` then ``model.json`` into an existing folder, each atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_w = folder / f".{card.weights}.tmp"
+    torch.save(model.trainable_state_dict(), tmp_w)
+    os.replace(tmp_w, folder / card.weights)
+    tmp_c = folder / f".{CARD_FILE}.tmp"
+    tmp_c.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_c, folder / CARD_FILE)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{platform.processor() or platform.machine()} CPU, {physical_cores()} cores" + \
+           (", bf16" if cpu_supports_bf16() else "")
+
+
+def check_output(cfg: TrainConfig, out: Path) -> None:
+    has_state = (out / STATE_DIR).exists()
+    if cfg.resume:
+        if not has_state:
+            raise MaskSAMError(f"nothing to resume in {out} (no {STATE_DIR}/ folder)")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise OutputError(f"{out} exists and is not empty; use --resume to continue it or --overwrite to "
+                              f"start again (its contents are replaced)")
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def run_training(cfg: TrainConfig) -> Dict:
+    from .data_setup import prepare_data
+
+    if not cfg.data or not cfg.out:
+        raise MaskSAMError("--data and --out are required")
+    start = time.time()
+    rank, world, device = setup_distributed(cfg.device)
+    main_proc = rank == 0
+    if device.type == "cpu":
+        torch.set_num_threads(physical_cores())
+    recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    amp = autocast_dtype(device, cfg.precision)
+    out = Path(cfg.out)
+    if main_proc:
+        check_output(cfg, out)
+    torch.manual_seed(cfg.seed + rank)
+    rng = np.random.default_rng(cfg.seed + rank)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+
+    # model
+    base_card: Optional[ModelCard] = None
+    if cfg.init_from:
+        model, base_card = load_model(cfg.init_from, device="cpu", sam_checkpoint=cfg.sam_checkpoint)
+        config = base_card.architecture
+        spacing, normalization = base_card.target_spacing, base_card.normalization
+        backbone_name, backbone_sha, input_size = (base_card.backbone["name"], base_card.backbone["sha256"],
+                                                   base_card.input_size)
+        classes = cfg.classes or base_card.class_names
+        if list(classes) != base_card.class_names:
+            raise MaskSAMError(f"--init-from model has classes {base_card.class_names}; fine-tuning keeps them "
+                               f"(got {list(classes)})")
+    else:
+        spacing, normalization = [float(v) for v in cfg.spacing], dict(cfg.normalization)
+        classes = cfg.classes
+    data = prepare_data(cfg, classes, spacing, normalization, progress=main_proc)
+    classes = data.class_names
+    if base_card is None:
+        backbone = load_backbone(cfg.backbone, sam_checkpoint=cfg.sam_checkpoint, input_size=cfg.input_size)
+        config = architecture_for_recipe(recipe, len(classes) + 1, cfg.slab_depth, cfg.num_queries,
+                                         cfg.prompt_channels)
+        model = MaskSAM(backbone, config)
+        backbone_name, backbone_sha, input_size = backbone.name, backbone.sha256, backbone.input_size
+    model.to(device)
+    cached = recipe == "cpu" and model.encoder_is_per_slice
+    if main_proc:
+        print(f"MaskSAM training: recipe {recipe} ({'cached frozen-encoder features' if cached else 'full network'}), "
+              f"device {device}, precision {'bf16' if amp else 'fp32'}, {len(classes)} classes, "
+              f"D={config.slab_depth}, N={config.num_queries}, {world} process(es)", file=sys.stderr, flush=True)
+    source = data.make_source(model, cached=cached, device=device, amp=amp, batch_size=cfg.batch_size,
+                              seed=cfg.seed, progress=main_proc)
+
+    steps_per_epoch = cfg.steps_per_epoch or (50 if recipe == "cpu" else 250)
+    max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 20) * steps_per_epoch
+    loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch,
+                          lr=cfg.lr or (3e-4 if cfg.init_from else 1e-3),
+                          prompt_steps=int(cfg.prompt_fraction * max_steps) if (cached and not cfg.init_from) else 0,
+                          decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision)
+    trainer = Trainer(model, loop_cfg, device, amp)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    card_training = {
+        "recipe": recipe, "trained_parts": trained_parts(model), "cached_encoder_features": cached,
+        "seed": cfg.seed, "max_steps": max_steps, "precision": "bf16" if amp else "fp32",
+        "command": " ".join(shlex.quote(a) for a in sys.argv), "hardware": hardware(), "processes": world,
+        "init_from": cfg.init_from, "dataset": str(cfg.data),
+    }
+    best = {"dice_mean": -1.0, "step": None, "dice": {}}
+    resume_step = None
+    if cfg.resume:
+        state = load_state(out / STATE_DIR)
+        model_state = state["model"]
+        model.load_state_dict({k: v.to(device) for k, v in model_state.items()}, strict=False)
+        trainer.load(state["trainer"])
+        if rank == 0:
+            restore_rng(state["rng"], rng, gen)
+        else:  # other processes: a fresh stream per (seed, rank, step)
+            rng = np.random.default_rng([cfg.seed, rank, trainer.step])
+            gen = torch.Generator().manual_seed(cfg.seed * 1000003 + rank * 7919 + trainer.step)
+        best = json.loads(state["best"])
+        resume_step = trainer.step
+        if main_proc:
+            print(f"resuming at step {trainer.step} of {max_steps}", file=sys.stderr, flush=True)
+    elif main_proc and out.exists() and cfg.overwrite:
+        import shutil
+
+        shutil.rmtree(out)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log = TrainingLog(out, trainer.criterion.loss_names(), classes, resume_step=resume_step) if main_proc else None
+    progress = Progress(max_steps, initial=trainer.step, json_lines=cfg.progress == "json", disable=not main_proc)
+    organ_of = {k + 1: n for k, n in enumerate(classes)}
+
+    def make_card_now(extra: Dict) -> ModelCard:
+        from ..labels import class_entries
+
+        return make_card(cfg.name or out.name, backbone_name, backbone_sha, input_size, config,
+                         base_card.classes if base_card else class_entries(classes), spacing, normalization,
+                         training={**card_training, **extra}, description=cfg.description or
+                         f"MaskSAM ({backbone_name}) trained with `python -m masksam_core.train`.")
+
+    try:
+        while trainer.step < max_steps:
+            batch = source.train_batch(rng, gen)
+            row = trainer.train_step(batch, gen, lambda: average_gradients(params, world))
+            epoch = (trainer.step - 1) // steps_per_epoch
+            if log:
+                log.write({"step": trainer.step, "epoch": epoch, **row})
+            progress.update("train", loss=row["loss"])
+            if trainer.step % steps_per_epoch == 0 or trainer.step == max_steps:
+                dice = trainer.validate(source.val_batches()) if source.has_validation else {}
+                if main_proc:
+                    named = {organ_of[k]: v for k, v in dice.items()}
+                    mean = float(np.mean(list(named.values()))) if named else None
+                    log.write({"step": trainer.step, "epoch": epoch, "val_dice_mean": mean,
+                               **{f"val_dice_{k}": v for k, v in named.items()}})
+                    progress.event("validation", step=trainer.step, dice_mean=mean if mean is not None else float("nan"))
+                    extra = {"steps_done": trainer.step, "training_time_s": round(time.time() - start, 1)}
+                    improved = mean is None or mean > best["dice_mean"]
+                    if improved:
+                        best = {"dice_mean": mean if mean is not None else -1.0, "step": trainer.step, "dice": named}
+                    card = make_card_now({**extra, "best_step": best["step"], "val_dice": best["dice"]})
+                    save_model_folder(model, make_card_now({**extra, "val_dice": named}), out / LATEST_DIR,
+                                      overwrite=True)
+                    if improved:
+                        write_model_files(model, card, out)
+                    save_state(out / STATE_DIR, {"model": model.trainable_state_dict(), "trainer": trainer.state(),
+                                                 "rng": rng_state(rng, gen), "best": json.dumps(best)})
+                if world > 1:
+                    dist.barrier()
+    finally:
+        progress.close()
+        if log:
+            log.close()
+    summary = {"best_step": best["step"], "best_dice_mean": best["dice_mean"], "best_dice": best["dice"],
+               "steps": trainer.step, "training_time_s": round(time.time() - start, 1), "recipe": recipe,
+               "hardware": hardware()}
+    if main_proc:
+        plot_curves(out / "train_log.csv", out / "curves.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: {trainer.step} steps in {summary['training_time_s']:.0f} s; best step {best['step']} "
+              f"with mean validation Dice {best['dice_mean']:.3f}", file=sys.stderr)
+        for organ, value in best["dice"].items():
+            print(f"  {organ:32s} {value:.3f}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
