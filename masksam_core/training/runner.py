@@ -131,7 +131,11 @@ def run_training(cfg: TrainConfig) -> Dict:
     if device.type == "cpu":
         torch.set_num_threads(physical_cores())
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    amp = autocast_dtype(device, cfg.precision)
+    # Encoding (feature cache, validation) uses bf16 where the hardware has it. Training on CPU defaults to fp32:
+    # with torch 2.14, bf16 autocast back-propagation on CPU gave run-to-run differences and NaN losses on the
+    # decoder stage (measured; see Testing/test_train.py), so "auto" means fp32 there; --precision bf16 forces it.
+    encode_amp = autocast_dtype(device, cfg.precision)
+    amp = encode_amp if (device.type == "cuda" or cfg.precision == "bf16") else None
     out = Path(cfg.out)
     if main_proc:
         check_output(cfg, out)
@@ -168,7 +172,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         print(f"MaskSAM training: recipe {recipe} ({'cached frozen-encoder features' if cached else 'full network'}), "
               f"device {device}, precision {'bf16' if amp else 'fp32'}, {len(classes)} classes, "
               f"D={config.slab_depth}, N={config.num_queries}, {world} process(es)", file=sys.stderr, flush=True)
-    source = data.make_source(model, cached=cached, device=device, amp=amp, batch_size=cfg.batch_size,
+    source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
                               seed=cfg.seed, progress=main_proc)
 
     steps_per_epoch = cfg.steps_per_epoch or (50 if recipe == "cpu" else 250)

@@ -1,0 +1,268 @@
+"""Headless training end to end on synthetic data, with a tiny random-weight backbone (fast on CPU).
+
+The real LiteMedSAM path differs only in the backbone; ``test_model.py`` covers loading it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from masksam_core.errors import InputError, MaskSAMError
+from synthetic_data import make_msd_dataset, make_nnunet_dataset
+from tiny_backbones import tiny_tinyvit_backbone
+
+HERE = Path(__file__).resolve().parent
+COMMON = ["--classes", "liver,spleen,aorta", "--slab-depth", "2", "--num-queries", "6", "--feature-copies", "2",
+          "--spacing", "3,3,6", "--progress", "json"]
+
+
+@pytest.fixture()
+def tiny(monkeypatch):
+    import masksam_core.model.folder as folder
+    import masksam_core.training.runner as runner
+
+    monkeypatch.setattr(runner, "load_backbone", lambda *a, **k: tiny_tinyvit_backbone())
+    monkeypatch.setattr(folder, "load_backbone", lambda *a, **k: tiny_tinyvit_backbone())
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_nnunet_dataset(tmp_path_factory.mktemp("data") / "Dataset001", n_cases=3)
+
+
+def _train(args):
+    from masksam_core.train import main
+
+    return main(args)
+
+
+def _log(out: Path):
+    import csv
+
+    with (out / "train_log.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert _train(["--data", str(dataset), "--out", str(out), "--max-steps", "40", "--steps-per-epoch", "20",
+                   "--val-cases", "case02", "--lr", "3e-3", "--precision", "fp32"] + COMMON) == 0
+    rows = [r for r in _log(out) if r["loss"]]
+    first = np.mean([float(r["loss_aux_dice"]) for r in rows[:5]])
+    last = np.mean([float(r["loss_aux_dice"]) for r in rows[-5:]])
+    assert last < first, (first, last)
+    val = [r for r in _log(out) if r["val_dice_mean"]]
+    assert len(val) == 2 and "val_dice_liver" in val[0]
+    for name in ("model.json", "weights.pt", "curves.png", "summary.json", "train_config.json", "latest/model.json"):
+        assert (out / name).exists(), name
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["recipe"] == "cpu" and card["training"]["cached_encoder_features"]
+    assert "prompt_generator" in card["training"]["trained_parts"]
+    assert [c["name"] for c in card["classes"]] == ["liver", "spleen", "aorta"]
+    # the model folder loads in predict and produces a labelmap on the input grid
+    from masksam_core.predict import main as predict
+
+    image = dataset / "imagesTr" / "case00_0000.nii.gz"
+    assert predict(["-i", str(image), "-o", str(tmp_path / "pred.nii.gz"), "--model", str(out),
+                    "--progress", "json"]) == 0
+    pred = sitk.ReadImage(str(tmp_path / "pred.nii.gz"))
+    ref = sitk.ReadImage(str(image))
+    assert pred.GetSize() == ref.GetSize() and pred.GetOrigin() == ref.GetOrigin()
+    assert json.loads((tmp_path / "pred.json").read_text())["labels"] == {"1": "liver", "2": "spleen", "3": "aorta"}
+
+
+def test_existing_output_is_never_overwritten_without_asking(tiny, dataset, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(MaskSAMError, match="exists and is not empty"):
+        _train(["--data", str(dataset), "--out", str(out), "--max-steps", "2"] + COMMON)
+    assert (out / "precious.txt").read_text() == "mine"
+    with pytest.raises(MaskSAMError, match="nothing to resume"):
+        _train(["--data", str(dataset), "--out", str(tmp_path / "new"), "--max-steps", "2", "--resume"] + COMMON)
+
+
+def test_config_file_and_effective_config(tiny, dataset, tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("max_steps: 3\nsteps_per_epoch: 3\nslab_depth: 2\nnum_queries: 6\nfeature_copies: 1\n"
+                   "classes: [liver, aorta]\nspacing: [3, 3, 6]\nseed: 7\n")
+    out = tmp_path / "m"
+    assert _train(["--data", str(dataset), "--out", str(out), "--config", str(cfg), "--seed", "9",
+                   "--progress", "json"]) == 0
+    eff = json.loads((out / "train_config.json").read_text())
+    assert eff["max_steps"] == 3 and eff["classes"] == ["liver", "aorta"] and eff["seed"] == 9
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"max_stepz": 3}')
+    with pytest.raises(MaskSAMError, match="unknown option"):
+        _train(["--data", str(dataset), "--out", str(tmp_path / "x"), "--config", str(bad)])
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {testing!r})
+    from tiny_backbones import tiny_tinyvit_backbone
+    import masksam_core.training.runner as runner
+    import masksam_core.training.loop as loop
+    runner.load_backbone = lambda *a, **k: tiny_tinyvit_backbone()
+    kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
+    original = loop.Trainer.train_step
+    def step(self, *a, **k):
+        out = original(self, *a, **k)
+        if kill_at and self.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    loop.Trainer.train_step = step
+    from masksam_core.train import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _child(args, env_extra=None, torchrun=False):
+    script = Path(os.environ.get("PYTEST_TMP_CHILD", "/tmp")) / "masksam_train_child.py"
+    script.write_text(CHILD.format(testing=str(HERE)))
+    env = {**os.environ, **(env_extra or {}), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script)] + args
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(script)] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(dataset, tmp_path):
+    args = ["--data", str(dataset), "--max-steps", "12", "--steps-per-epoch", "4", "--val-cases", "case02",
+            "--seed", "3", "--cache-dir", str(tmp_path / "cache")] + COMMON
+    straight = _child(args + ["--out", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _child(args + ["--out", str(tmp_path / "b")], {"KILL_AT_STEP": "6"})
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "b" / "state" / "training_state.pt", weights_only=True)
+    assert state["trainer"]["step"] == 4  # the last checkpoint before the kill
+    resumed = _child(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "latest" / "weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "latest" / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(r["step"]) for r in _log(tmp_path / "b") if r["loss"]]
+    assert steps == list(range(1, 13))  # the log matches the weights: no duplicated or lost steps
+
+
+def test_two_process_gloo_training(dataset, tmp_path):
+    result = _child(["--data", str(dataset), "--out", str(tmp_path / "ddp"), "--max-steps", "4",
+                     "--steps-per-epoch", "2", "--val-cases", "case02", "--device", "cpu",
+                     "--cache-dir", str(tmp_path / "cache")] + COMMON, torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((tmp_path / "ddp" / "model.json").read_text())
+    assert card["training"]["processes"] == 2
+    assert len([r for r in _log(tmp_path / "ddp") if r["loss"]]) == 4
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+def test_msd_layout_is_read(tmp_path):
+    from masksam_core.data.dataset import discover_dataset, select_classes
+
+    spec = discover_dataset(make_msd_dataset(tmp_path / "msd"))
+    assert spec.layout == "msd" and len(spec.cases) == 2
+    cmap = select_classes(spec, ["spleen"])
+    assert cmap.names == ["spleen"] and cmap.lut[2] == 1 and cmap.lut[1] == 0
+
+
+def test_bad_datasets_name_the_problem(tmp_path):
+    from masksam_core.data.dataset import check_dataset, discover_dataset, select_classes
+
+    root = make_nnunet_dataset(tmp_path / "d", n_cases=3)
+    (root / "labelsTr" / "case00.nii.gz").unlink()
+    img = sitk.ReadImage(str(root / "labelsTr" / "case01.nii.gz"))
+    img.SetOrigin((0.0, 0.0, 0.0))
+    sitk.WriteImage(img, str(root / "labelsTr" / "case01.nii.gz"))
+    lab = sitk.ReadImage(str(root / "labelsTr" / "case02.nii.gz"))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0, 0, 0] = 9
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(lab)
+    sitk.WriteImage(bad, str(root / "labelsTr" / "case02.nii.gz"))
+    spec = discover_dataset(root)
+    with pytest.raises(InputError) as err:
+        check_dataset(spec, select_classes(spec, None))
+    msg = str(err.value)
+    assert "case00: label missing" in msg
+    assert "case01: label geometry" in msg
+    assert "case02: label values [9] are not declared" in msg
+    with pytest.raises(InputError, match="not in the dataset's labels"):
+        select_classes(spec, ["pancreas"])
+    with pytest.raises(InputError, match="no dataset.json"):
+        discover_dataset(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        discover_dataset(tmp_path / "nope")
+
+
+def test_val_slices_map_through_physical_space(tmp_path):
+    from masksam_core.data.cache import build_cache
+    from masksam_core.data.dataset import discover_dataset, select_classes
+    from masksam_core.training.data_setup import parse_slice_ranges
+
+    assert parse_slice_ranges("s1:1-3,7;s2:0") == {"s1": {1, 2, 3, 7}, "s2": {0}}
+    root = make_nnunet_dataset(tmp_path / "d", n_cases=1, size=(32, 32, 12), spacing=(3.0, 3.0, 6.0))
+    spec = discover_dataset(root)
+    cases = build_cache(spec, select_classes(spec, None), (3.0, 3.0, 3.0), {"mode": "ct_window", "window": [-160, 240]},
+                        tmp_path / "cache")
+    # 12 slices of 6 mm -> 24 slices of 3 mm: original slice k covers model slices 2k and 2k+1
+    assert cases[0].image.shape[0] == 24
+    assert cases[0].model_z_for_original({3, 4}) == {6, 7, 8, 9}
+
+
+def test_preprocessing_cache_is_reused_and_invalidated(tmp_path):
+    from masksam_core.data.cache import build_cache
+    from masksam_core.data.dataset import discover_dataset, select_classes
+
+    spec = discover_dataset(make_nnunet_dataset(tmp_path / "d", n_cases=1))
+    cmap = select_classes(spec, None)
+    norm = {"mode": "ct_window", "window": [-160, 240]}
+    a = build_cache(spec, cmap, (3, 3, 6), norm, tmp_path / "c")
+    folder = Path(a[0].image.filename).parent
+    stamp = (folder / "image.npy").stat().st_mtime_ns
+    b = build_cache(spec, cmap, (3, 3, 6), norm, tmp_path / "c")
+    assert Path(b[0].image.filename).parent == folder and (folder / "image.npy").stat().st_mtime_ns == stamp
+    c = build_cache(spec, cmap, (2, 2, 6), norm, tmp_path / "c")
+    assert Path(c[0].image.filename).parent != folder
+
+
+def test_killed_preprocessing_leaves_no_half_entry(tmp_path, monkeypatch):
+    import masksam_core.data.cache as cache
+
+    spec = cache.DatasetSpec  # noqa: F841  (imported for clarity)
+    from masksam_core.data.dataset import discover_dataset, select_classes
+
+    dspec = discover_dataset(make_nnunet_dataset(tmp_path / "d", n_cases=2))
+    cmap = select_classes(dspec, None)
+    norm = {"mode": "ct_window", "window": [-160, 240]}
+    calls = {"n": 0}
+    real_save = np.save
+
+    def dying_save(path, arr, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during the second case
+            raise KeyboardInterrupt
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(cache.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build_cache(dspec, cmap, (3, 3, 6), norm, tmp_path / "c")
+    monkeypatch.setattr(cache.np, "save", real_save)
+    prep = next((tmp_path / "c").iterdir())
+    assert not (prep / "manifest.json").exists()
+    assert not list(prep.glob(".*tmp*"))
+    assert sorted(p.name for p in prep.iterdir()) == ["case00"]
+    cases = cache.build_cache(dspec, cmap, (3, 3, 6), norm, tmp_path / "c")
+    assert [c.case_id for c in cases] == ["case00", "case01"]

@@ -1,0 +1,214 @@
+"""From a dataset folder to a batch source: checks, preprocessing cache, train/validation split, feature cache.
+
+Validation split (one of):
+- ``val_slices`` "CASE:18-23,42-47[;CASE2:...]": a within-case split in the ORIGINAL file's slice indices,
+  mapped to model-space slices through physical position (each model slice takes its nearest original slice);
+- ``val_cases``: whole cases;
+- ``val_fraction``: a seeded random fraction of the cases;
+- none: no validation (the last model is kept).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Set
+
+import numpy as np
+import torch
+
+from ..data.augment import augment_slab
+from ..data.cache import PreparedCase, build_cache
+from ..data.dataset import check_dataset, discover_dataset, select_classes
+from ..data.intensity import normalize_intensity
+from ..errors import InputError, MaskSAMError
+from ..model.masksam import MaskSAM
+from .config import TrainConfig
+from .feature_cache import FeatureCache, canvas, cache_key
+from .loop import IGNORE, Batch
+from .sources import CachedSource, _mask_slices, _val_windows
+
+CT_MODES = ("ct_window", "ct_zscore")
+
+
+def parse_slice_ranges(text: str) -> Dict[str, Set[int]]:
+    """'s1:18-23,42-47;s2:5' -> {'s1': {18..23, 42..47}, 's2': {5}} (inclusive ranges)."""
+    out: Dict[str, Set[int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if ":" not in part:
+            raise MaskSAMError(f"--val-slices needs CASE:RANGES, got {part!r}")
+        case, ranges = part.split(":", 1)
+        zs: Set[int] = set()
+        for r in filter(None, (x.strip() for x in ranges.split(","))):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", r)
+            if not m:
+                raise MaskSAMError(f"--val-slices: cannot read the range {r!r}")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            zs.update(range(lo, hi + 1))
+        out[case.strip()] = zs
+    return out
+
+
+def pad_value_for(norm: Dict) -> float:
+    """The normalised value of air/background (what padding holds)."""
+    if norm.get("mode") in CT_MODES:
+        return float(normalize_intensity(np.array([-1024.0], np.float32), norm)[0])
+    return 0.0
+
+
+def body_centre(image: np.ndarray, pad: float) -> tuple:
+    """(y, x) centre of the voxels brighter than the background, for placing the canvas."""
+    fg = np.asarray(image) > pad + 0.05
+    if not fg.any():
+        return ((image.shape[1] - 1) / 2.0, (image.shape[2] - 1) / 2.0)
+    ys, xs = np.nonzero(fg.any(axis=0))
+    return ((ys.min() + ys.max()) / 2.0, (xs.min() + xs.max()) / 2.0)
+
+
+@dataclass
+class TrainingData:
+    cfg: TrainConfig
+    class_names: List[str]
+    cases: List[PreparedCase]
+    train_z: Dict[str, Optional[Set[int]]]
+    val_z: Dict[str, Set[int]]
+    norm: Dict
+    cache_dir: Path
+    prep_key: str
+
+    def make_source(self, model: MaskSAM, cached: bool, device: torch.device, amp, batch_size: int, seed: int,
+                    progress: bool = True):
+        pad = pad_value_for(self.norm)
+        s = model.input_size
+        if not cached:
+            return VolumeSource(self, s, model.slab_depth, pad, batch_size, device)
+        copies = max(1, int(self.cfg.feature_copies))
+        key = cache_key({"backbone": model.backbone_sha256, "size": s, "prep": self.prep_key, "copies": copies,
+                         "aug": self.cfg.augmentation, "seed": seed, "amp": str(amp)})
+        gen = torch.Generator().manual_seed(seed)
+        volumes = []
+        for case in self.cases:
+            if not (self.train_z.get(case.case_id, None) is None or self.train_z[case.case_id]
+                    or self.val_z.get(case.case_id)):
+                continue
+            img, lab = canvas(np.asarray(case.image), np.asarray(case.label), s, pad,
+                              body_centre(np.asarray(case.image), pad))
+            for copy in range(copies):
+                if copy == 0:
+                    volumes.append((f"{case.case_id}__c0", case.case_id, 0, img, lab))
+                    continue
+                if not (self.train_z.get(case.case_id) is None or self.train_z[case.case_id]):
+                    continue  # validation-only case: no augmented copies
+                aug_cfg = {"p_rotate": 0.8, "p_scale": 0.8, **self.cfg.augmentation}
+                ai, al = augment_slab(torch.from_numpy(img)[None], torch.from_numpy(lab.astype(np.int64)), aug_cfg,
+                                      gen, fill=pad)
+                volumes.append((f"{case.case_id}__c{copy}", case.case_id, copy, ai[0].numpy(),
+                                al.numpy().astype(np.uint8)))
+        cache = FeatureCache(self.cache_dir, key)
+        reporter = _stderr_progress if progress else None
+        if progress and not cache.is_complete([v[0] for v in volumes]):
+            print(f"encoding {sum(v[3].shape[0] for v in volumes)} slices once into the feature cache "
+                  f"{cache.folder}", file=sys.stderr, flush=True)
+        cached_volumes = cache.build(model, volumes, amp, device, reporter)
+        source = CachedSource(cached_volumes, model.slab_depth, pad, batch_size, self.train_z, self.val_z)
+        source.has_validation = bool(source.val_volumes)
+        return source
+
+
+def _stderr_progress(stage: str, done: int, total: int) -> None:
+    print(f"\r{stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: Dict, progress: bool = True) -> TrainingData:
+    spec = discover_dataset(cfg.data)
+    class_map = select_classes(spec, classes, cfg.class_map)
+    check_dataset(spec, class_map)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".masksam_cache"
+    cases = build_cache(spec, class_map, spacing, norm, cache_dir, _stderr_progress if progress else None)
+    ids = [c.case_id for c in cases]
+    train_z: Dict[str, Optional[Set[int]]] = {cid: None for cid in ids}
+    val_z: Dict[str, Set[int]] = {}
+    if cfg.val_slices:
+        ranges = parse_slice_ranges(cfg.val_slices)
+        for cid, zs in ranges.items():
+            case = next((c for c in cases if c.case_id == cid), None)
+            if case is None:
+                raise InputError(f"--val-slices names case {cid!r}, which is not in the dataset ({', '.join(ids)})")
+            mz = case.model_z_for_original(zs)
+            val_z[cid] = mz
+            train_z[cid] = set(range(case.image.shape[0])) - mz
+    elif cfg.val_cases:
+        unknown = [c for c in cfg.val_cases if c not in ids]
+        if unknown:
+            raise InputError(f"--val-cases names unknown case(s) {', '.join(unknown)}")
+        for cid in cfg.val_cases:
+            val_z[cid] = set(range(next(c for c in cases if c.case_id == cid).image.shape[0]))
+            train_z[cid] = set()
+    elif cfg.val_fraction:
+        rng = np.random.default_rng(cfg.seed)
+        n = max(1, int(round(cfg.val_fraction * len(ids)))) if len(ids) > 1 else 0
+        for cid in rng.permutation(ids)[:n].tolist():
+            val_z[cid] = set(range(next(c for c in cases if c.case_id == cid).image.shape[0]))
+            train_z[cid] = set()
+    if not any(v is None or v for v in train_z.values()):
+        raise InputError("no training slices left after the validation split")
+    from ..data.cache import cache_key as prep_key
+
+    return TrainingData(cfg, class_map.names, cases, train_z, val_z, norm, cache_dir,
+                        prep_key(spec, class_map, spacing, norm))
+
+
+class VolumeSource:
+    """Slabs sampled from preprocessed volumes and augmented on the device (GPU recipe: the whole network runs)."""
+
+    def __init__(self, data: TrainingData, size: int, depth: int, pad: float, batch_size: int,
+                 device: torch.device) -> None:
+        self.data, self.size, self.depth, self.pad = data, size, depth, pad
+        self.batch_size, self.device = batch_size, device
+        self.train_cases = [c for c in data.cases if data.train_z.get(c.case_id) is None or data.train_z[c.case_id]]
+        self.val_cases = [c for c in data.cases if data.val_z.get(c.case_id)]
+        self.has_validation = bool(self.val_cases)
+
+    def _slab(self, case: PreparedCase, z0: int, centre) -> tuple:
+        z1 = min(z0 + self.depth, case.image.shape[0])
+        img, lab = canvas(np.asarray(case.image[z0:z1]), np.asarray(case.label[z0:z1]), self.size, self.pad, centre)
+        lab = lab.astype(np.int64)
+        if img.shape[0] < self.depth:
+            extra = self.depth - img.shape[0]
+            img = np.concatenate([img, np.full((extra,) + img.shape[1:], self.pad, np.float32)])
+            lab = np.concatenate([lab, np.full((extra,) + lab.shape[1:], IGNORE, np.int64)])
+        return img, lab
+
+    def train_batch(self, rng: np.random.Generator, gen: torch.Generator) -> Batch:
+        imgs, labs = [], []
+        for _ in range(self.batch_size):
+            case = self.train_cases[int(rng.integers(len(self.train_cases)))]
+            nz, ny, nx = case.image.shape
+            allowed = self.data.train_z.get(case.case_id)
+            if rng.random() < 1 / 3 and case.meta.get("classes_present"):
+                k = int(rng.choice(case.meta["classes_present"]))
+                zs, ys, xs = np.nonzero(np.asarray(case.label) == k)
+                i = int(rng.integers(len(zs)))
+                z, centre = int(zs[i]), (float(ys[i]), float(xs[i]))
+            else:
+                pool = sorted(allowed) if allowed is not None else range(nz)
+                z = int(pool[int(rng.integers(len(pool)))])
+                centre = (float(rng.uniform(0, ny - 1)), float(rng.uniform(0, nx - 1)))
+            z0 = int(min(max(z - rng.integers(self.depth), 0), max(nz - self.depth, 0)))
+            img, lab = self._slab(case, z0, centre)
+            lab = _mask_slices(lab, range(z0, z0 + self.depth), allowed)
+            ti, tl = augment_slab(torch.from_numpy(img)[None].to(self.device),
+                                  torch.from_numpy(lab).to(self.device), self.data.cfg.augmentation, gen, self.pad)
+            imgs.append(ti)
+            labs.append(tl)
+        return Batch(slab=torch.stack(imgs), label=torch.stack(labs))
+
+    def val_batches(self):
+        for case in self.val_cases:
+            zs = self.data.val_z[case.case_id]
+            centre = body_centre(np.asarray(case.image), self.pad)
+            for z0 in _val_windows(zs, self.depth, case.image.shape[0]):
+                img, lab = self._slab(case, z0, centre)
+                lab = _mask_slices(lab, range(z0, z0 + self.depth), zs)
+                yield Batch(slab=torch.from_numpy(img)[None, None], label=torch.from_numpy(lab)[None])
