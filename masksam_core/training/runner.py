@@ -158,6 +158,8 @@ def run_training(cfg: TrainConfig) -> Dict:
     else:
         spacing, normalization = [float(v) for v in cfg.spacing], dict(cfg.normalization)
         classes = cfg.classes
+    if world > 1 and not main_proc:
+        dist.barrier()  # rank 0 builds the caches first; the others then reuse them
     data = prepare_data(cfg, classes, spacing, normalization, progress=main_proc)
     classes = data.class_names
     if base_card is None:
@@ -174,6 +176,8 @@ def run_training(cfg: TrainConfig) -> Dict:
               f"D={config.slab_depth}, N={config.num_queries}, {world} process(es)", file=sys.stderr, flush=True)
     source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
                               seed=cfg.seed, progress=main_proc)
+    if world > 1 and main_proc:
+        dist.barrier()
 
     steps_per_epoch = cfg.steps_per_epoch or (50 if recipe == "cpu" else 250)
     max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 20) * steps_per_epoch

@@ -1,0 +1,153 @@
+"""``python -m masksam_core.predict``: outputs, formats, and a clear one-line error for every bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from masksam_core.cli_util import run_cli
+from masksam_core.predict import main as predict_main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from masksam_core.model.__main__ import main
+
+    out = tmp_path_factory.mktemp("models") / "untrained"
+    assert main(["init", "--backbone", "litemedsam", "--classes", "liver,spleen", "--out", str(out),
+                 "--slab-depth", "2", "--num-queries", "3", "--spacing", "6,6,6"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    arr = np.full((6, 40, 48), -1000, np.float32)
+    arr[:, 8:32, 8:40] = 40
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.0, 5.0))
+    img.SetOrigin((10.0, -20.0, 33.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path_factory.mktemp("vol") / "ct.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _run(argv, capsys):
+    code = run_cli(predict_main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("fmt", ["nii.gz", "nrrd", "seg.nrrd"])
+def test_outputs_on_the_input_grid_with_sidecar(model_dir, volume, tmp_path, capsys, fmt):
+    out = tmp_path / f"organs.{fmt}"
+    code, stdout, err = _run(["-i", str(volume), "-o", str(out), "--model", str(model_dir), "--progress", "json"],
+                             capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert {"stage", "done", "total"} <= set(lines[0]) and any(line["stage"] == "segment" for line in lines)
+    sidecar = json.loads((tmp_path / "organs.json").read_text())
+    assert sidecar["labels"] == {"1": "liver", "2": "spleen"}
+    assert sidecar["model"]["name"] == "untrained" and sidecar["runtime_s"] > 0
+    if fmt == "seg.nrrd":
+        import slicerio
+
+        seg = slicerio.read_segmentation(str(out))
+        assert seg["voxels"].shape == sitk.ReadImage(str(volume)).GetSize()
+        return
+    pred, ref = sitk.ReadImage(str(out)), sitk.ReadImage(str(volume))
+    assert pred.GetSize() == ref.GetSize()
+    assert np.allclose(pred.GetOrigin(), ref.GetOrigin()) and np.allclose(pred.GetDirection(), ref.GetDirection())
+    assert np.allclose(pred.GetSpacing(), ref.GetSpacing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "organs.json"])  # no temporary files
+
+
+def test_batch_folder(model_dir, volume, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.nii.gz", "b.nrrd"):
+        sitk.WriteImage(sitk.ReadImage(str(volume)), str(folder / name))
+    code, _, err = _run(["-i", str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir),
+                         "--progress", "json"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.nii.gz", "b.json", "b.nii.gz"]
+
+
+def _write(path, arr, spacing=None):
+    img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 4 and arr.shape[-1] == 3)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _bad_inputs(tmp_path):
+    cases = {
+        "missing": (tmp_path / "nope.nii.gz", "input not found"),
+        "not an image": (tmp_path / "notes.nii.gz", "cannot read"),
+        "2D": (_write(tmp_path / "flat.nii.gz", np.zeros((30, 30), np.float32)), "2D image"),
+        "single slice": (_write(tmp_path / "one.nii.gz", np.zeros((1, 30, 30), np.float32)), "2D image"),
+        "vector": (_write(tmp_path / "rgb.nii.gz", np.zeros((4, 30, 30, 3), np.float32)), "vector image"),
+        "nan": (_write(tmp_path / "nan.mha", np.full((4, 30, 30), np.nan, np.float32)), "NaN"),
+        "empty dicom folder": (tmp_path / "dicom", "no DICOM image series"),
+    }
+    (tmp_path / "notes.nii.gz").write_text("hello")
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "readme.txt").write_text("x")
+    four = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((3, 20, 20), np.float32))] * 2)
+    sitk.WriteImage(four, str(tmp_path / "four.nii.gz"))
+    cases["4D"] = (tmp_path / "four.nii.gz", "4D image")
+    return cases
+
+
+def test_bad_inputs_give_one_line_errors_and_no_output(model_dir, tmp_path, capsys):
+    for name, (path, message) in _bad_inputs(tmp_path).items():
+        out = tmp_path / "out" / f"{name.replace(' ', '_')}.nii.gz"
+        code, _, err = _run(["-i", str(path), "-o", str(out), "--model", str(model_dir), "--progress", "json"], capsys)
+        assert code == 2, name
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert "Traceback" not in err
+        assert not out.exists() and not out.with_name(out.name.replace(".nii.gz", ".json")).exists(), name
+    leftovers = list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else []
+    assert leftovers == []
+
+
+def test_model_and_output_problems(model_dir, volume, tmp_path, capsys):
+    code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path / "nomodel")],
+                        capsys)
+    assert code == 2 and "model folder not found" in err
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.json").write_text("{oops")
+    code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.nii.gz"), "--model", str(corrupt)], capsys)
+    assert code == 2 and "corrupt" in err
+    existing = tmp_path / "exists.nii.gz"
+    existing.write_text("keep me")
+    code, _, err = _run(["-i", str(volume), "-o", str(existing), "--model", str(model_dir)], capsys)
+    assert code == 2 and "--overwrite" in err and existing.read_text() == "keep me"
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, _, err = _run(["-i", str(volume), "-o", str(locked / "o.nii.gz"), "--model", str(model_dir)], capsys)
+        assert code == 2 and "cannot write" in err
+    code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.txt"), "--model", str(model_dir)], capsys)
+    assert code == 2 and "output format" in err
+
+
+def test_no_model_and_no_default_says_what_to_do(volume, tmp_path, capsys, monkeypatch):
+    import masksam_core.predict as predict
+
+    monkeypatch.setattr(predict, "default_model_dir", lambda: tmp_path / "none")
+    code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.nii.gz")], capsys)
+    assert code == 2 and "--model" in err
+
+
+def test_command_line_exit_code_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "masksam_core.predict", "-i", str(tmp_path / "missing.nii.gz"),
+                             "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.startswith("error:")
