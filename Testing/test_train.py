@@ -266,3 +266,39 @@ def test_killed_preprocessing_leaves_no_half_entry(tmp_path, monkeypatch):
     assert sorted(p.name for p in prep.iterdir()) == ["case00"]
     cases = cache.build_cache(dspec, cmap, (3, 3, 6), norm, tmp_path / "c")
     assert [c.case_id for c in cases] == ["case00", "case01"]
+
+
+def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path):
+    base = tmp_path / "base"
+    assert _train(["--data", str(dataset), "--out", str(base), "--max-steps", "4", "--steps-per-epoch", "4",
+                   "--val-cases", "case02"] + COMMON) == 0
+    tuned = tmp_path / "tuned"
+    assert _train(["--data", str(dataset), "--out", str(tuned), "--init-from", str(base), "--max-steps", "4",
+                   "--steps-per-epoch", "4", "--val-cases", "case02"] + COMMON) == 0
+    card = json.loads((tuned / "model.json").read_text())
+    assert card["training"]["init_from"] == str(base)
+    a = torch.load(base / "weights.pt", weights_only=True)
+    b = torch.load(tuned / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MaskSAMError, match="fine-tuning keeps them"):
+        _train(["--data", str(dataset), "--out", str(tmp_path / "x"), "--init-from", str(base), "--max-steps", "1",
+                "--classes", "liver"] + COMMON[2:])
+
+
+def test_augmentation_keeps_image_and_label_aligned():
+    from masksam_core.data.augment import augment_slab
+
+    img = torch.zeros(1, 3, 64, 64)
+    img[0, :, 10:30, 20:50] = 1.0
+    lab = (img[0] > 0.5).long()
+    cfg = {"p_rotate": 1.0, "p_scale": 1.0, "p_brightness": 0, "p_contrast": 0, "p_gamma": 0, "p_noise": 0,
+           "p_blur": 0, "p_lowres": 0}
+    for seed in range(5):
+        ai, al = augment_slab(img, lab, cfg, torch.Generator().manual_seed(seed))
+        bright = ai[0] > 0.5
+        agree = (bright == (al == 1)).float().mean()
+        assert agree > 0.98
+        assert torch.equal(al[0], al[1])  # the same transform for every slice of the slab
+    a1 = augment_slab(img, lab, None, torch.Generator().manual_seed(1))
+    a2 = augment_slab(img, lab, None, torch.Generator().manual_seed(1))
+    assert torch.equal(a1[0], a2[0]) and torch.equal(a1[1], a2[1])

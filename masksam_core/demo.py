@@ -37,10 +37,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from .predict import make_progress, resolve_model_dir, write_outputs
     from .sample_data import get_sample
 
-    sample = get_sample()
+    model_dir = resolve_model_dir(args.model)  # fails fast, before any download, when there is no model
     out = Path(args.output or "masksam_demo/example_ct_organs.nii.gz")
     device = resolve_device(args.device)
-    model, card = load_model(resolve_model_dir(args.model), device=str(device), sam_checkpoint=args.sam_checkpoint)
+    model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+    sample = get_sample()
     image = read_volume(sample["ct"])
     report, close = make_progress(args.progress)
     try:

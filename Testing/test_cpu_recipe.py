@@ -1,0 +1,85 @@
+"""CPU recipe: cached features equal the live network, pruning and bf16 agree with the full fp32 network."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from masksam_core.inference.engine import InferenceOptions, SlabEngine, cpu_supports_bf16
+from masksam_core.model.masksam import MaskSAM, semantic_probabilities
+from masksam_core.model.recipes import architecture_for_recipe
+from masksam_core.training.feature_cache import FeatureCache, encode_volume, gather_slab
+from tiny_backbones import tiny_tinyvit_backbone
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = MaskSAM(tiny_tinyvit_backbone(), architecture_for_recipe("cpu", 3, slab_depth=2, num_queries=4,
+                                                                   prompt_channels=[8, 8, 8])).eval()
+    with torch.no_grad():  # make the decoder side non-trivial
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _volume(z=5, s=64, seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.random((z, s, s)).astype(np.float32) * 0.2
+    v[:, 20:40, 10:30] += 0.6
+    return v
+
+
+def test_cached_features_equal_the_live_encoder(model, tmp_path):
+    vol = _volume()
+    lab = np.zeros(vol.shape, np.uint8)
+    cache = FeatureCache(tmp_path, "k1")
+    (entry,) = cache.build(model, [("c__c0", "c", 0, vol, lab)], None, torch.device("cpu"))
+    img, _, feats = gather_slab(entry, 1, 2, 0.0)
+    slab = torch.from_numpy(img)[None, None]
+    with torch.no_grad():
+        live = model.encode(model.apply_stem(slab))
+        out_cached = model.forward_features([torch.from_numpy(f) for f in feats], model.apply_stem(slab))
+        out_live = model.forward_features(live, model.apply_stem(slab))
+    for a, b in zip(live, feats):
+        assert np.allclose(a.numpy(), b, atol=2e-2 * float(np.abs(b).max()) + 1e-3)  # fp16 storage
+    sem_a, sem_b = semantic_probabilities(out_cached), semantic_probabilities(out_live)
+    assert (sem_a - sem_b).abs().max() < 0.05
+    # reused, not rebuilt
+    stamp = (cache.folder / "c__c0" / "feat0.npy").stat().st_mtime_ns
+    cache.build(model, [("c__c0", "c", 0, vol, lab)], None, torch.device("cpu"))
+    assert (cache.folder / "c__c0" / "feat0.npy").stat().st_mtime_ns == stamp
+    # another key (other settings) -> another folder
+    assert FeatureCache(tmp_path, "k2").folder != cache.folder
+
+
+def test_engine_feature_reuse_is_exact(model):
+    vol = _volume(z=7)
+    opts = InferenceOptions(prune_empty_queries=False, precision="fp32")
+    reused = SlabEngine(model, opts).run(vol, 0.0)
+    engine = SlabEngine(model, opts)
+    engine._features_for = lambda key, zs, slab, stem, cache: model.encode(stem)  # encode every slab afresh
+    fresh = engine.run(vol, 0.0)
+    assert np.allclose(reused, fresh, atol=1e-5)
+
+
+def test_pruning_keeps_decoded_queries_exact(model):
+    slab = torch.from_numpy(_volume(z=2))[None, None]
+    with torch.no_grad():
+        full = model(slab)
+        pruned = model(slab, decode="nonempty")
+    dec = pruned["decoded"]
+    assert torch.allclose(full["pred_masks"][dec], pruned["pred_masks"][dec], atol=1e-5)
+    # the fused probabilities differ only by the contributions of queries with empty auxiliary masks
+    sem_full = semantic_probabilities({**full, "decoded": pruned["decoded"]})
+    assert torch.allclose(sem_full, semantic_probabilities(pruned), atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_bf16_and_fp32_agree(model):
+    vol = _volume(z=4)
+    fp32 = SlabEngine(model, InferenceOptions(precision="fp32", prune_empty_queries=False)).run(vol, 0.0)
+    bf16 = SlabEngine(model, InferenceOptions(precision="bf16", prune_empty_queries=False)).run(vol, 0.0)
+    assert np.abs(fp32 - bf16).max() < 0.1
+    assert (fp32.argmax(0) == bf16.argmax(0)).mean() > 0.97

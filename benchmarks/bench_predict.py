@@ -1,0 +1,80 @@
+"""End-to-end segmentation time (file in, labelmap out), slices per second and peak RSS on a CT-like volume.
+
+    python benchmarks/bench_predict.py [--model DIR] [--size 512 512 300] [--spacing 0.8 0.8 1.0]
+        [--settings default,fast,no-prune,fp32] [--device cpu|cuda]
+
+Each setting runs ``python -m masksam_core.predict`` in its own process (so peak RSS is that run's); one JSON
+line per setting. Without ``--model`` an untrained LiteMedSAM model folder is made: its timings are real, but
+pruning then depends on random auxiliary masks, so measure pruning with a trained model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"]}
+
+
+def ct_like(size, spacing) -> sitk.Image:
+    """Air, a body ellipse of soft tissue, a liver-like blob, bright vertebrae: float32 HU on an LPS grid."""
+    x, y, z = size
+    yy, xx = np.mgrid[0:y, 0:x]
+    sl = np.full((y, x), -1000, np.int16)
+    body = ((xx - x / 2) / (x * 0.42)) ** 2 + ((yy - y / 2) / (y * 0.32)) ** 2 <= 1
+    sl[body] = 40
+    sl[((xx - x * 0.38) / (x * 0.12)) ** 2 + ((yy - y * 0.45) / (y * 0.1)) ** 2 <= 1] = 60
+    sl[((xx - x / 2) / (x * 0.03)) ** 2 + ((yy - y * 0.7) / (y * 0.03)) ** 2 <= 1] = 700
+    vol = np.broadcast_to(sl, (z, y, x)).copy()
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing(spacing)
+    return img
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 300])
+    ap.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
+    ap.add_argument("--settings", default="default,fast")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="masksam-bench-"))
+    model = args.model
+    if model is None:
+        model = str(work / "untrained")
+        subprocess.run([sys.executable, "-m", "masksam_core.model", "init", "--backbone", "litemedsam", "--classes",
+                        "liver,spleen,aorta,kidney_left,kidney_right", "--out", model], check=True,
+                       stdout=subprocess.DEVNULL)
+    src = work / "ct.nii.gz"
+    sitk.WriteImage(ct_like(args.size, args.spacing), str(src))
+    for name in args.settings.split(","):
+        out = work / f"{name}.nii.gz"
+        cmd = [sys.executable, "-m", "masksam_core.predict", "-i", str(src), "-o", str(out), "--model", model,
+               "--device", args.device, "--progress", "json", "--overwrite"] + SETTINGS[name]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t = time.perf_counter()
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if result.returncode:
+            print(json.dumps({"setting": name, "error": result.stderr.strip().splitlines()[-1:]}))
+            continue
+        side = json.loads((work / f"{name}.json").read_text())
+        z_mm = args.size[2] * args.spacing[2]
+        print(json.dumps({"bench": "predict", "setting": name, "size": args.size, "spacing": args.spacing,
+                          "wall_s": round(wall, 1), "engine_s": side["runtime_s"],
+                          "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
+                          "peak_rss_mb": round(max(peak, before) / 1024, 0)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
