@@ -8,7 +8,7 @@ import torch
 from masksam_core.inference.engine import InferenceOptions, SlabEngine, cpu_supports_bf16
 from masksam_core.model.masksam import MaskSAM, semantic_probabilities
 from masksam_core.model.recipes import architecture_for_recipe
-from masksam_core.training.feature_cache import FeatureCache, encode_volume, gather_slab
+from masksam_core.training.feature_cache import FeatureCache, gather_slab
 from tiny_backbones import tiny_tinyvit_backbone
 
 

@@ -1,7 +1,6 @@
 """Matcher and criterion on hand-made cases."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from masksam_core.training.criterion import SetCriterion

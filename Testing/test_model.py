@@ -11,7 +11,7 @@ from masksam_core.errors import ModelError
 from masksam_core.model import MaskSAM, MaskSAMConfig, semantic_probabilities
 from masksam_core.model.backbones import adapt_sam_state_dict, load_litemedsam_backbone, load_sam_backbone
 from masksam_core.model.card import ModelCard, make_card
-from masksam_core.model.folder import build_model, load_model, save_model_folder
+from masksam_core.model.folder import load_model, save_model_folder
 from masksam_core.model.recipes import architecture_for_recipe
 from tiny_backbones import TINY_VARIANT, tiny_sam_parts, tiny_tinyvit_backbone, tiny_vit_backbone
 

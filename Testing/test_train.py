@@ -241,7 +241,6 @@ def test_preprocessing_cache_is_reused_and_invalidated(tmp_path):
 def test_killed_preprocessing_leaves_no_half_entry(tmp_path, monkeypatch):
     import masksam_core.data.cache as cache
 
-    spec = cache.DatasetSpec  # noqa: F841  (imported for clarity)
     from masksam_core.data.dataset import discover_dataset, select_classes
 
     dspec = discover_dataset(make_nnunet_dataset(tmp_path / "d", n_cases=2))

@@ -178,7 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_demo(args)
     if not args.input or not args.output:
         raise MaskSAMError("give an input (-i) and an output (-o), or --demo")
-    import torch  # noqa: F401  (after argument errors, which should be fast)
 
     from . import load_model, segment
     from .data.volume_io import read_volume

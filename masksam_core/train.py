@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case (1 plain + augmented)")
+    p.add_argument("--max-decoded", type=int, help="CPU recipe: queries decoded per slab and step (default 6)")
+    p.add_argument("--prompt-fraction", type=float,
+                   help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25)")
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Set
@@ -19,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 import numpy as np
 import SimpleITK as sitk
 
+from ..fileutil import atomic_folder
 from .dataset import ClassMap, DatasetSpec
 from .geometry import to_model_space
 from .intensity import normalize_intensity
@@ -107,8 +107,7 @@ def _prepare_case(case, class_map: ClassMap, spacing, norm, folder: Path, final:
     work_lab = to_model_space(mapped, spacing, sitk.sitkNearestNeighbor, 0)
     arr = normalize_intensity(sitk.GetArrayFromImage(work), norm)
     lab = sitk.GetArrayFromImage(work_lab).astype(np.uint8)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.tmp-", dir=folder))
-    try:
+    with atomic_folder(final) as tmp:
         np.save(tmp / "image.npy", arr.astype(np.float32))
         np.save(tmp / "label.npy", lab)
         meta = {"case": case.case_id, "original_size": list(image.GetSize()), "original_spacing": list(image.GetSpacing()),
@@ -117,9 +116,3 @@ def _prepare_case(case, class_map: ClassMap, spacing, norm, folder: Path, final:
                 "model_origin": list(work.GetOrigin()), "model_direction": list(work.GetDirection()),
                 "classes_present": sorted(int(v) for v in np.unique(lab) if v)}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
 from ..errors import ModelError, OutputError
+from ..fileutil import atomic_folder
 from .backbones import Backbone, load_backbone, load_state_dict_file
 from .card import CARD_FILE, ModelCard
 from .masksam import MaskSAM
@@ -81,23 +80,11 @@ def save_model_folder(model: MaskSAM, card: ModelCard, folder: os.PathLike, over
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise OutputError(f"{folder} exists; choose another folder or allow overwriting")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         torch.save(model.trainable_state_dict(), tmp / card.weights)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as handle:
                 handle.write(content)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -8,7 +8,7 @@ depth embedding, decoder adapters, the global classifier token, the class head a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch

@@ -44,6 +44,7 @@ class TrainConfig:
     precision: str = "auto"
     feature_copies: int = 4
     prompt_fraction: float = 0.25
+    max_decoded: int = 6
     augmentation: Dict[str, Any] = field(default_factory=dict)
     num_points: int = 12544
     cache_dir: Optional[str] = None

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..fileutil import atomic_folder
 from ..model.masksam import MaskSAM
 
 FORMAT = 1
@@ -129,8 +128,7 @@ class FeatureCache:
             if (final / "meta.json").exists():
                 done += image.shape[0]
                 continue
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.folder))
-            try:
+            with atomic_folder(final) as tmp:
                 np.save(tmp / "image.npy", image.astype(np.float16))
                 np.save(tmp / "label.npy", label.astype(np.uint8))
                 feats = encode_volume(model, image, amp, device)
@@ -138,12 +136,6 @@ class FeatureCache:
                     np.save(tmp / f"feat{k}.npy", f)
                 (tmp / "meta.json").write_text(json.dumps({"case": case, "copy": copy, "slices": int(image.shape[0]),
                                                            "levels": len(feats)}))
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             done += image.shape[0]
             if progress:
                 progress("encode", done, total)

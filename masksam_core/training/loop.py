@@ -11,10 +11,7 @@ checkpointed atomically at each epoch end, so ``--resume`` after a kill continue
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
 import numpy as np
@@ -56,6 +53,7 @@ class LoopConfig:
     poly_power: float = 0.9
     prompt_steps: int = 0
     extra_unmatched: int = 2
+    max_decoded: int = 0  # 0: decode every matched query; CPU recipe: a cap that bounds time and memory
     decode_all: bool = False
     num_points: int = 12544
     precision: str = "auto"
@@ -101,9 +99,17 @@ class Trainer:
             with torch.no_grad():
                 aux_only = {"aux_mask_logits": pg["aux_mask_logits"].float(), "aux_boxes": pg["aux_boxes"].float()}
                 indices = self.matcher(aux_only, targets, generator=gen)
-                chosen = torch.zeros(g, n, dtype=torch.bool)
+                counts = torch.zeros(g, n)
                 for s, (pi, _) in enumerate(indices):
-                    chosen[s // d, pi.cpu()] = True
+                    counts[s // d, pi.cpu()] += 1
+                chosen = counts > 0
+                if cfg.max_decoded:  # keep the queries matched on the most slices (ties broken at random)
+                    for gi in range(g):
+                        if int(chosen[gi].sum()) > cfg.max_decoded:
+                            score = counts[gi] + 0.5 * torch.rand(n, generator=gen)
+                            keep = torch.topk(score, cfg.max_decoded).indices
+                            chosen[gi] = False
+                            chosen[gi, keep] = True
                 nonempty = (pg["aux_mask_logits"] > 0).flatten(2).any(-1).view(g, d, n).any(1).cpu()
                 for gi in range(g):
                     spare = torch.nonzero(nonempty[gi] & ~chosen[gi]).flatten()

@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -184,7 +184,8 @@ def run_training(cfg: TrainConfig) -> Dict:
     loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                           lr=cfg.lr or (3e-4 if cfg.init_from else 1e-3),
                           prompt_steps=int(cfg.prompt_fraction * max_steps) if (cached and not cfg.init_from) else 0,
-                          decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision)
+                          decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
+                          max_decoded=cfg.max_decoded if cached else 0)
     trainer = Trainer(model, loop_cfg, device, amp)
     params = [p for p in model.parameters() if p.requires_grad]
 
