@@ -150,3 +150,24 @@ def test_command_line_exit_code_without_traceback(tmp_path):
                              "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.startswith("error:")
+
+
+def test_dicom_series_in_dicom_seg_out(model_dir, tmp_path, capsys):
+    from dicom_fixture import write_series
+
+    arr = np.full((4, 40, 48), -1000, np.int16)
+    arr[:, 8:32, 8:40] = 40
+    arr[:, 12:20, 12:20] = 300  # something for the untrained model to find, or not
+    write_series(tmp_path / "dicom", arr)
+    out = tmp_path / "seg.dcm"
+    code, _, err = _run(["-i", str(tmp_path / "dicom"), "-o", str(out), "--model", str(model_dir),
+                         "--progress", "json"], capsys)
+    sidecar = json.loads((tmp_path / "seg.json").read_text()) if (tmp_path / "seg.json").exists() else {}
+    if code == 2 and "nothing was segmented" in err:  # an untrained model may find no organ at all
+        assert not out.exists()
+        return
+    assert code == 0, err
+    import pydicom
+
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and len(ds.SegmentSequence) == len(sidecar["organs"])

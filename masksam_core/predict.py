@@ -124,7 +124,8 @@ def make_progress(mode: Optional[str]) -> Tuple[Callable[[str, int, int], None],
     return report_bar, close
 
 
-def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source: Path, overwrite: bool) -> None:
+def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source: Path, overwrite: bool,
+                  series_uid: Optional[str] = None) -> None:
     """Write the labelmap in ``fmt`` and its JSON sidecar, each atomically."""
     from .data.volume_io import atomic_output, write_dicom_seg, write_labelmap, write_seg_nrrd
 
@@ -133,7 +134,7 @@ def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source:
     elif fmt == "dicom-seg":
         if not source.is_dir():
             raise InputError("--format dicom-seg needs a DICOM series folder as input")
-        write_dicom_seg(labelmap, source, output, card.classes, overwrite=overwrite)
+        write_dicom_seg(labelmap, source, output, card.classes, overwrite=overwrite, series_uid=series_uid)
     else:
         write_labelmap(labelmap, output, overwrite=overwrite)
     with atomic_output(sidecar_path(output), overwrite=True) as tmp:
@@ -198,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             labelmap, sidecar = segment(image, model, card, options, progress=report)
             sidecar["input"] = str(src)
             report("write", 0, 1)
-            write_outputs(labelmap, sidecar, out, fmt, card, src, args.overwrite)
+            write_outputs(labelmap, sidecar, out, fmt, card, src, args.overwrite, args.series_uid)
             report("write", 1, 1)
             if args.progress != "json":
                 close()
