@@ -1,0 +1,119 @@
+"""Between MRML nodes and the engine's files, with exact geometry.
+
+Slicer stores volumes in RAS; files are LPS. All conversions go through Slicer's own storage nodes, so the
+physical geometry (origin, spacing, direction) survives exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import slicer
+
+from masksam_core.labels import terminology_tag
+
+
+def write_volume_node(volume_node, path: str) -> str:
+    """Write a scalar volume node to ``path`` (NRRD or NIfTI) with its geometry."""
+    scene = volume_node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(False)
+        if not storage.WriteData(volume_node):
+            raise RuntimeError(f"could not write {volume_node.GetName()} to {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return str(path)
+
+
+def read_labelmap_node(scene, path: str, name: str = "MaskSAM labels"):
+    """Load a labelmap file into a new vtkMRMLLabelMapVolumeNode."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            scene.RemoveNode(node)
+            raise RuntimeError(f"could not read the labelmap {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return node
+
+
+def classes_from_sidecar(sidecar: Dict) -> List[Dict]:
+    """The model card's class entries recorded in a prediction sidecar."""
+    return list(sidecar.get("model", {}).get("classes", []))
+
+
+def import_result(volume_node, labelmap_path: str, sidecar_path: str, segmentation_node=None):
+    """Engine output -> a segmentation node with one named, coloured, terminology-tagged segment per organ.
+
+    ``segmentation_node`` is replaced in place when given (the widget asks the user first); otherwise a new node
+    is created. The segmentation's reference geometry is the source volume's.
+    """
+    scene = volume_node.GetScene()
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    by_value = {int(c["value"]): c for c in classes_from_sidecar(sidecar)}
+    labelmap = read_labelmap_node(scene, labelmap_path)
+    try:
+        if segmentation_node is None:
+            segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                        f"{volume_node.GetName()} organs")
+        else:
+            segmentation_node.GetSegmentation().RemoveAllSegments()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+            raise RuntimeError("Slicer could not import the labelmap into the segmentation")
+    finally:
+        scene.RemoveNode(labelmap)
+    seg = segmentation_node.GetSegmentation()
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        entry = by_value.get(int(segment.GetLabelValue()))
+        if entry is None:
+            continue
+        segment.SetName(entry.get("display_name") or entry["name"])
+        segment.SetColor(*[c / 255.0 for c in entry.get("color", (128, 128, 128))])
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_tag(entry))
+        segment.SetTag("MaskSAM.ClassName", entry["name"])
+    segmentation_node.SetAttribute("MaskSAM.Model", json.dumps(sidecar.get("model", {}).get("name")))
+    return segmentation_node
+
+
+def organ_table(sidecar_path: str) -> List[Dict]:
+    """Rows for the results table: organ, volume (ml), confidence."""
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    return [{"organ": name, "volume_ml": o.get("volume_ml"), "confidence": o.get("confidence")}
+            for name, o in sidecar.get("organs", {}).items()]
+
+
+def export_labelmap(segmentation_node, volume_node, path: str) -> str:
+    """All segments as a labelmap on the volume's grid (NIfTI or NRRD by extension); label values are the
+    segments' MaskSAM values where known."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        if not logic.ExportAllSegmentsToLabelmapNode(segmentation_node, labelmap,
+                                                     slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise RuntimeError("Slicer could not export the segments")
+        write_volume_node(labelmap, path)
+    finally:
+        scene.RemoveNode(labelmap)
+    return str(path)
+
+
+def export_seg_nrrd(segmentation_node, path: str) -> str:
+    """The segmentation with names, colours and terminology as a ``.seg.nrrd``."""
+    scene = segmentation_node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.WriteData(segmentation_node):
+            raise RuntimeError(f"could not write {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return str(path)
