@@ -1,0 +1,153 @@
+"""MaskSAMTrainer: fine-tune MaskSAM on corrected segmentations from the scene (segment, correct, fine-tune)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "MaskSAMSegment"))
+
+from MaskSAMSegmentLib import engine_process, models  # noqa: E402
+from MaskSAMTrainerLib import scene_dataset  # noqa: E402
+
+
+class MaskSAMTrainer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MaskSAM Trainer"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["MaskSAMSegment"]
+        self.parent.contributors = ["MaskSAM for 3D Slicer developers"]
+        self.parent.helpText = ("Fine-tune a MaskSAM model on volumes and their corrected segmentations, then use "
+                                "the new model in MaskSAM Segment. Research use only.")
+        self.parent.acknowledgementText = "MaskSAM: Xie et al., arXiv 2403.14103."
+
+
+class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.cases = []
+        self.run = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(500)
+        self.timer.connect("timeout()", self.onPoll)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        ui_widget = slicer.util.loadUI(self.resourcePath("UI/MaskSAMTrainer.ui"))
+        self.layout.addWidget(ui_widget)
+        self.ui = slicer.util.childWidgetVariables(ui_widget)
+        ui_widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MaskSAMTrainerLogic()
+        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
+        for entry in self.logic.registry.models():
+            self.ui.baseModelComboBox.addItem(entry["label"], entry["path"])
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.stopButton.connect("clicked(bool)", self.onStop)
+        self.ui.stopButton.enabled = False
+
+    def onAddCase(self):
+        volume = self.ui.volumeSelector.currentNode()
+        segmentation = self.ui.segmentationSelector.currentNode()
+        if volume is None or segmentation is None:
+            return
+        self.cases.append((volume, segmentation))
+        self.ui.casesListWidget.addItem(f"{volume.GetName()} + {segmentation.GetName()}")
+
+    def onTrain(self):
+        base = self.ui.baseModelComboBox.currentData
+        if not base:
+            slicer.util.errorDisplay("Choose a model to fine-tune (add one in MaskSAM Segment).")
+            return
+        classes = [c["name"] for c in json.loads((Path(base) / "model.json").read_text())["classes"]]
+        folder = self.ui.outputPathLineEdit.currentPath
+        try:
+            report = self.logic.writeDataset(self.cases, classes, os.path.join(folder, "dataset"))
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.logTextEdit.append(f"dataset: {len(report['cases'])} cases")
+        self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
+                                            self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes)
+        self.ui.trainButton.enabled = False
+        self.ui.stopButton.enabled = True
+        self.timer.start()
+
+    def onPoll(self):
+        import select
+
+        if self.run is None:
+            return
+        while select.select([self.run.process.stdout], [], [], 0)[0]:
+            if self.run.poll_lines() is not None:
+                break
+            line = self.run.log[-1] if self.run.log else ""
+            self.ui.logTextEdit.append(line)
+            if self.run.progress:
+                p = self.run.progress
+                self.ui.progressBar.setValue(int(100 * p["fraction"]))
+                self.logic.recordPoint(p)
+        if self.run.process.poll() is not None:
+            self.finishRun()
+
+    def finishRun(self):
+        self.timer.stop()
+        code = self.run.process.wait()
+        out = self.logic.lastOutput
+        if code == 0 or (Path(out) / "model.json").exists():
+            self.logic.registerModel(out)
+            self.ui.logTextEdit.append(f"model registered: {out}")
+        else:
+            slicer.util.errorDisplay("Training failed.", detailedText=self.run.log_text())
+        self.run.cleanup()
+        self.run = None
+        self.ui.trainButton.enabled = True
+        self.ui.stopButton.enabled = False
+
+    def onStop(self):
+        """Stops training; the last checkpoint (written atomically at each epoch) is kept and registered."""
+        if self.run is not None:
+            self.run.cancel()
+            self.finishRun()
+
+
+class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        settings_dir = Path(slicer.app.slicerUserSettingsFilePath).parent if hasattr(slicer, "app") else Path.home()
+        self.registry = models.ModelRegistry(settings_dir / "MaskSAM" / "models.json")
+        self.lastOutput = None
+        self.curve = []
+
+    def writeDataset(self, cases, classes, folder, manual=None, ignore_unmapped=False):
+        return scene_dataset.write_dataset(cases, classes, folder, manual, ignore_unmapped)
+
+    def startTraining(self, dataset, out, base, steps, device, classes):
+        self.lastOutput = out
+        self.curve = []
+        cmd = scene_dataset.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes)
+        return engine_process.EngineRun(lambda _wd: cmd)
+
+    def recordPoint(self, progress):
+        if "loss" in progress or "dice_mean" in progress:
+            self.curve.append({k: progress.get(k) for k in ("done", "loss", "dice_mean")})
+
+    def registerModel(self, folder):
+        self.registry.add(folder)
+
+
+class MaskSAMTrainerTest(ScriptedLoadableModuleTest):
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.delayDisplay("MaskSAMTrainer's logic is tested in CI (Testing/test_slicer_trainer_logic.py)")

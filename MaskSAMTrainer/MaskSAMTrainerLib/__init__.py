@@ -1,0 +1,1 @@
+"""MaskSAMTrainer's logic that needs MRML but no Qt (tested with slicer-core)."""
