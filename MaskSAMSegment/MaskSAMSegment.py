@@ -1,14 +1,12 @@
 """MaskSAMSegment: "Segment all organs" with MaskSAM (prompt-free Segment Anything for CT and MR)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
