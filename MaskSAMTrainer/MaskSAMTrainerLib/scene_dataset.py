@@ -17,7 +17,7 @@ import slicer
 from masksam_core.fileutil import atomic_folder
 from masksam_core.labels import ORGANS
 
-CLASS_TAG = "MaskSAM.ClassName"
+from masksam_core.data.volume_io import CLASS_TAG  # noqa: E402  (the tag write_seg_nrrd and import_result set)
 
 
 def _norm(text: str) -> str:

@@ -96,22 +96,6 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def body_box(hu_zyx: np.ndarray, threshold: float = BODY_HU) -> Optional[Tuple[slice, slice, slice]]:
-    """Bounding box (z, y, x slices) of the largest connected region above ``threshold``; None if nothing."""
-    from scipy import ndimage
-
-    fg = hu_zyx > threshold
-    if not fg.any():
-        return None
-    fg = ndimage.binary_opening(fg, iterations=1) if fg.sum() > 1000 else fg
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return None
-    sizes = np.bincount(labels.ravel())[1:]
-    largest = int(np.argmax(sizes)) + 1
-    return ndimage.find_objects((labels == largest).astype(np.uint8))[0]
-
-
 def largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Keep the largest 3D connected component of each label value (others become background)."""
     from scipy import ndimage
@@ -227,7 +211,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     ``labels`` {value: name}, ``organs`` {name: {volume_ml, confidence, voxels}} for organs found,
     ``model`` (the card's identity), ``runtime_s`` and the options used.
     """
-    from ..data.geometry import resample_to_reference, to_model_space
+    from ..data.geometry import body_bbox, resample_to_reference, to_model_space
     from ..data.intensity import normalize_intensity
 
     options = options or InferenceOptions()
@@ -246,7 +230,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     norm_spec = card.normalization
     box = None
     if options.skip_outside_body and norm_spec.get("mode") in CT_MODES:
-        box = body_box(raw)
+        box = body_bbox(raw, BODY_HU)
     if box is None:
         box = tuple(slice(0, n) for n in raw.shape)
     region = normalize_intensity(raw[box], norm_spec).astype(np.float32)

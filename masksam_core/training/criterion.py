@@ -1,9 +1,20 @@
-"""Set criterion (spec §2; Mask2Former's ``SetCriterion`` design): class CE, mask BCE + Dice at importance-sampled
-points, auxiliary mask BCE + Dice (on logits), auxiliary box L1 + GIoU.
+"""Set criterion (spec §2; the design of Mask2Former's ``SetCriterion``).
 
-Each term is normalised by the number of target masks in the batch (all processes under torch.distributed).
-``decoded`` (S, N) restricts the class and mask terms to queries that went through SAM's decoder; without
-``pred_logits``/``pred_masks`` only the auxiliary terms are returned (prompt-generator-only stage).
+Unweighted terms returned by ``SetCriterion.forward``:
+
+- ``loss_ce``: cross-entropy over all (decoded) queries, unmatched ones -> no object (index C); class weights 1,
+  and ``eos_coef`` = 0.1 for no object; the weighted mean that ``F.cross_entropy(weight=...)`` computes, as in
+  Mask2Former (not divided by the number of masks).
+- ``loss_mask``, ``loss_dice``: BCE and Dice of matched (decoded) ``pred_masks`` at PointRend importance-sampled
+  points (oversample 2.0, importance 0.75).
+- ``loss_aux_mask``, ``loss_aux_dice``: BCE and Dice of matched ``aux_mask_logits`` (logits, not probabilities;
+  spec §8.3) at points sampled the same way (``aux_importance_sampling=False``: uniform points).
+- ``loss_bbox``, ``loss_giou``: L1 and 1 − GIoU of matched ``aux_boxes``.
+
+The mask and box terms are sums over matched pairs divided by the number of target masks in the batch (mean over
+processes under torch.distributed, at least 1), as in Mask2Former. ``decoded`` (S, N) restricts the class and
+mask terms to queries that went through SAM's decoder (the auxiliary terms cover every matched query); without
+``pred_logits``/``pred_masks`` only the four auxiliary terms are returned (prompt-generator-only stage).
 """
 from __future__ import annotations
 
@@ -13,17 +24,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import generalized_box_iou
 
-from .matcher import HungarianMatcher, _valid_boxes
-from .points import point_sample, uncertain_point_coords
+from .boxes import box_giou_paired
+from .matcher import HungarianMatcher
+from .points import point_sample, random_points, uncertain_point_coords
 
 DEFAULT_WEIGHTS = {"loss_ce": 0.2, "loss_mask": 1.2, "loss_dice": 1.2, "loss_aux_mask": 0.5, "loss_aux_dice": 0.5,
                    "loss_bbox": 0.5, "loss_giou": 0.2}
+AUX_TERMS = ("loss_aux_mask", "loss_aux_dice", "loss_bbox", "loss_giou")
+PRED_TERMS = ("loss_ce", "loss_mask", "loss_dice")
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """inputs (M, P) logits, targets (M, P) -> summed Dice loss over the M masks."""
+    """``inputs`` (M, P) logits, ``targets`` (M, P) in [0, 1] -> Dice loss (smoothing 1) summed over the M masks."""
     p = inputs.sigmoid()
     numerator = 2 * (p * targets).sum(-1)
     denominator = p.sum(-1) + targets.sum(-1)
@@ -31,26 +44,30 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def bce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """inputs (M, P) logits -> BCE averaged over points, summed over masks."""
+    """``inputs`` (M, P) logits -> BCE averaged over the points, summed over the M masks."""
     return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum()
 
 
 class SetCriterion(nn.Module):
-    """Losses of MaskSAM's outputs against per-slice targets. C = ``num_classes`` including background."""
+    """Losses of MaskSAM's outputs against per-slice targets. ``num_classes`` C counts background; class logits
+    have C + 1 columns, index C = no object."""
 
     def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
                  weight_dict: Optional[Dict[str, float]] = None, eos_coef: float = 0.1, num_points: int = 12544,
-                 oversample_ratio: float = 2.0, importance_sample_ratio: float = 0.75) -> None:
+                 oversample_ratio: float = 2.0, importance_sample_ratio: float = 0.75,
+                 aux_importance_sampling: bool = True) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.matcher = matcher or HungarianMatcher(num_points=num_points)
-        self.weight_dict = dict(weight_dict or DEFAULT_WEIGHTS)
-        weights = torch.ones(num_classes + 1)
-        weights[-1] = eos_coef
-        self.register_buffer("empty_weight", weights)
-        self.num_points = num_points
-        self.oversample_ratio = oversample_ratio
-        self.importance_sample_ratio = importance_sample_ratio
+        self.num_classes = int(num_classes)
+        self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
+        self.weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
+        empty_weight = torch.ones(self.num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+        self.eos_coef = float(eos_coef)
+        self.num_points = int(num_points)
+        self.oversample_ratio = float(oversample_ratio)
+        self.importance_sample_ratio = float(importance_sample_ratio)
+        self.aux_importance_sampling = bool(aux_importance_sampling)
 
     @staticmethod
     def default_weights() -> Dict[str, float]:
@@ -60,80 +77,102 @@ class SetCriterion(nn.Module):
         return list(self.weight_dict)
 
     def weighted_total(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weight_dict[k] * v for k, v in losses.items() if k in self.weight_dict)
+        """Σ weight·term over the terms present that have a weight."""
+        terms = [self.weight_dict[k] * v for k, v in losses.items() if k in self.weight_dict]
+        if not terms:
+            raise ValueError("weighted_total: no weighted loss term in " + ", ".join(losses))
+        return torch.stack([t.reshape(()) for t in terms]).sum()
 
-    def _num_masks(self, targets: List[Dict], device) -> float:
-        n = torch.tensor(float(sum(t["labels"].shape[0] for t in targets)), device=device)
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _num_masks(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+        n = torch.tensor(float(sum(int(t["labels"].shape[0]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
             n = n / dist.get_world_size()
         return max(float(n), 1.0)
 
-    def _mask_terms(self, src: torch.Tensor, tgt: torch.Tensor, generator, importance: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """src (M, h, w) logits, tgt (M, H, W) -> (BCE sum, Dice sum) at sampled points."""
+    def _mask_terms(self, src: torch.Tensor, tgt: torch.Tensor, importance: bool,
+                    generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``src`` (M, h, w) logits, ``tgt`` (M, H, W) -> (BCE sum, Dice sum) at sampled points."""
         src = src[:, None].float()
-        tgt = tgt[:, None].float()
         with torch.no_grad():
             if importance:
                 coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
                                                 self.importance_sample_ratio, generator)
             else:
-                coords = torch.rand(src.shape[0], self.num_points, 2, generator=generator).to(src.device)
-            tgt_pts = point_sample(tgt, coords)[:, 0]
+                coords = random_points((src.shape[0], self.num_points, 2), src.device, generator)
+            tgt_pts = point_sample(tgt[:, None].float(), coords)[:, 0]
         src_pts = point_sample(src, coords)[:, 0]
         return bce_loss(src_pts, tgt_pts), dice_loss(src_pts, tgt_pts)
 
+    # ------------------------------------------------------------------ forward
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
                 indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        aux = outputs["aux_mask_logits"]
+        aux_boxes = outputs["aux_boxes"]
+        n_slices, n_q = aux.shape[:2]
+        if len(targets) != n_slices:
+            raise ValueError(f"criterion: {len(targets)} targets for {n_slices} slices")
         if indices is None:
             indices = self.matcher(outputs, targets, generator=generator)
-        aux = outputs["aux_mask_logits"]
         device = aux.device
         num_masks = self._num_masks(targets, device)
-        s_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
-        q_idx = torch.cat([src for src, _ in indices]).to(device)
-        tgt_masks = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(device) \
-            if len(q_idx) else aux.new_zeros((0,) + aux.shape[-2:])
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device).float() \
-            if len(q_idx) else aux.new_zeros((0, 4))
-        tgt_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device) \
-            if len(q_idx) else torch.zeros(0, dtype=torch.long, device=device)
-        losses: Dict[str, torch.Tensor] = {}
-        zero = aux.sum() * 0.0
 
-        # auxiliary masks and boxes (every matched query)
-        if len(q_idx):
-            bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, generator, importance=False)
-            src_boxes = outputs["aux_boxes"][s_idx, q_idx].float()
+        # matched pairs of the whole batch: slice, query, target-in-slice
+        s_idx = torch.cat([torch.full((len(q),), s, dtype=torch.long) for s, (q, _) in enumerate(indices)]).to(device)
+        q_idx = torch.cat([q.long().cpu() for q, _ in indices]).to(device)
+        matched = [(t, j.long()) for t, (_, j) in zip(targets, indices) if len(j)]
+        m = int(q_idx.numel())
+        if m:
+            tgt_masks = torch.cat([t["masks"][j.to(t["masks"].device)].to(device) for t, j in matched]).float()
+            tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)].to(device) for t, j in matched]).float()
+            tgt_labels = torch.cat([t["labels"][j.to(t["labels"].device)].to(device) for t, j in matched]).long()
+
+        losses: Dict[str, torch.Tensor] = {}
+        # auxiliary masks and boxes: every matched query
+        if m:
+            bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, self.aux_importance_sampling, generator)
+            src_boxes = aux_boxes[s_idx, q_idx].float()
             losses["loss_aux_mask"] = bce / num_masks
             losses["loss_aux_dice"] = dice / num_masks
             losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_masks
-            giou = torch.diag(generalized_box_iou(_valid_boxes(src_boxes), _valid_boxes(tgt_boxes)))
-            losses["loss_giou"] = (1 - giou).sum() / num_masks
-        else:
-            for k in ("loss_aux_mask", "loss_aux_dice", "loss_bbox", "loss_giou"):
-                losses[k] = zero + outputs["aux_boxes"].sum() * 0.0
+            losses["loss_giou"] = (1 - box_giou_paired(src_boxes, tgt_boxes)).sum() / num_masks
+        else:  # zeros that stay in the graph (DDP and GradScaler expect every output to be used)
+            zero = aux.float().sum() * 0.0 + aux_boxes.float().sum() * 0.0
+            for name in AUX_TERMS:
+                losses[name] = zero
 
         if "pred_logits" not in outputs or "pred_masks" not in outputs:
             return losses
-        logits = outputs["pred_logits"].float()
-        n_slices, n_q = logits.shape[:2]
+
+        logits = outputs["pred_logits"].float()  # (S, N, C + 1)
+        pred_masks = outputs["pred_masks"]
+        if logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"criterion: pred_logits has {logits.shape[-1]} columns, expected "
+                             f"{self.num_classes + 1} (C classes + no object)")
         decoded = outputs.get("decoded")
-        decoded = torch.ones(n_slices, n_q, dtype=torch.bool, device=device) if decoded is None else decoded.to(device)
+        decoded = (torch.ones((n_slices, n_q), dtype=torch.bool, device=device) if decoded is None
+                   else decoded.to(device=device, dtype=torch.bool))
+
+        # class: every decoded query; unmatched ones -> no object
         target_classes = torch.full((n_slices, n_q), self.num_classes, dtype=torch.long, device=device)
-        if len(q_idx):
+        if m:
             target_classes[s_idx, q_idx] = tgt_labels
-        ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(device), reduction="none")
-        w = self.empty_weight.to(device)[target_classes] * decoded.float()
-        losses["loss_ce"] = (ce * w).sum() / w.sum().clamp_min(1e-6) if bool(decoded.any()) else logits.sum() * 0.0
-        keep = decoded[s_idx, q_idx] if len(q_idx) else torch.zeros(0, dtype=torch.bool, device=device)
+        weight = self.empty_weight.to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # (S, N), unweighted
+        w = weight[target_classes] * decoded.float()
+        losses["loss_ce"] = (ce * w).sum() / w.sum().clamp(min=1e-6)
+
+        # masks: matched and decoded
+        keep = decoded[s_idx, q_idx] if m else torch.zeros(0, dtype=torch.bool, device=device)
         if bool(keep.any()):
-            src = outputs["pred_masks"][s_idx[keep], q_idx[keep]]
-            bce, dice = self._mask_terms(src, tgt_masks[keep], generator, importance=True)
+            bce, dice = self._mask_terms(pred_masks[s_idx[keep], q_idx[keep]], tgt_masks[keep], True, generator)
             losses["loss_mask"] = bce / num_masks
             losses["loss_dice"] = dice / num_masks
         else:
-            losses["loss_mask"] = outputs["pred_masks"].sum() * 0.0
-            losses["loss_dice"] = outputs["pred_masks"].sum() * 0.0
+            zero = pred_masks.float().sum() * 0.0
+            losses["loss_mask"] = zero
+            losses["loss_dice"] = zero
         return losses

@@ -1,12 +1,21 @@
-"""Hungarian matching of queries to per-slice targets (spec §2; Mask2Former's ``HungarianMatcher`` design).
+"""Hungarian matching of queries to per-slice targets (spec §2; the design of Mask2Former's ``HungarianMatcher``).
 
-Cost of assigning query q to target k on one slice (all mask terms at one shared set of random points):
+Cost of assigning query q to target k on one slice, every mask term at one shared set of random points:
 
-    0.2·(−p_cls) + 1.2·BCE + 1.2·Dice (pred_masks) + 0.5·L1 + 0.2·(−GIoU) (aux box) + 0.5·BCE + 0.5·Dice (aux mask)
+    cost_class·(−p_q(label_k)) + cost_mask·BCE + cost_dice·Dice          (pred_logits, pred_masks)
+  + cost_bbox·L1 + cost_giou·(−GIoU)                                      (aux_boxes)
+  + cost_aux_mask·BCE + cost_aux_dice·Dice                                (aux_mask_logits)
 
-The auxiliary masks enter as logits (the official code applies sigmoid twice). ``pred_logits``/``pred_masks``
-may be absent (prompt-generator-only training): their terms are skipped. With ``decoded`` given, queries that
-were not decoded get only the auxiliary terms plus a large class cost, so a decoded query wins when one fits.
+with the AMOS weights 0.2, 1.2, 1.2, 0.5, 0.2, 0.5, 0.5 as defaults. The auxiliary masks enter as logits (the
+official code applies the sigmoid twice; spec §8.3).
+
+- Without ``pred_logits``/``pred_masks`` (prompt-generator-only stage) the class and mask terms are skipped.
+- With ``decoded`` (S, N) bool, a query that was not decoded has no real class or mask prediction. Its class and
+  mask terms are replaced by the constant ``undecoded_cost`` (default 1000): the assignment then uses as many
+  decoded queries as it can (a constant per query-target pair changes nothing among assignments that use the
+  same number of undecoded queries), and whenever it must use undecoded queries it picks them by the auxiliary
+  terms alone. A zero instead would favour undecoded queries, which then get no class or mask supervision.
+- Non-finite costs become ``LARGE`` (1e5) before SciPy's ``linear_sum_assignment``.
 """
 from __future__ import annotations
 
@@ -16,82 +25,104 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import generalized_box_iou
 
-from .points import point_sample
+from .boxes import box_giou
+from .points import point_sample, random_points
 
 LARGE = 1e5
 
 
 def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """inputs (Q, P) logits, targets (K, P) {0,1} -> (Q, K) Dice loss."""
+    """``inputs`` (Q, P) logits, ``targets`` (K, P) in [0, 1] -> (Q, K) Dice loss (smoothing 1)."""
     p = inputs.sigmoid()
-    numerator = 2 * p @ targets.t()
+    numerator = 2 * (p @ targets.t())
     denominator = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
 def batch_bce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """inputs (Q, P) logits, targets (K, P) -> (Q, K) mean binary cross-entropy."""
-    pts = inputs.shape[1]
+    """``inputs`` (Q, P) logits, ``targets`` (K, P) in [0, 1] -> (Q, K) BCE averaged over the points."""
+    n_pts = max(inputs.shape[1], 1)
     pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
     neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (pos @ targets.t() + neg @ (1 - targets).t()) / pts
+    return (pos @ targets.t() + neg @ (1 - targets).t()) / n_pts
+
+
+def _sample_all(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``masks`` (S, N, h, w) treated as N channels, ``coords`` (S, P, 2) -> (S, N, P) float32."""
+    return point_sample(masks.float(), coords)
 
 
 class HungarianMatcher(nn.Module):
-    """Per-slice optimal assignment of queries to targets."""
+    """Per-slice optimal assignment of queries to targets; see the module docstring for the cost."""
 
     def __init__(self, cost_class: float = 0.2, cost_mask: float = 1.2, cost_dice: float = 1.2,
                  cost_bbox: float = 0.5, cost_giou: float = 0.2, cost_aux_mask: float = 0.5,
-                 cost_aux_dice: float = 0.5, num_points: int = 12544) -> None:
+                 cost_aux_dice: float = 0.5, num_points: int = 12544, undecoded_cost: float = 1000.0) -> None:
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
         self.cost_bbox, self.cost_giou = cost_bbox, cost_giou
         self.cost_aux_mask, self.cost_aux_dice = cost_aux_mask, cost_aux_dice
-        self.num_points = num_points
+        self.num_points = int(num_points)
+        self.undecoded_cost = float(undecoded_cost)
+
+    @torch.no_grad()
+    def cost_matrices(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
+                      generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+        """Per slice the (N, K) float32 cost (non-finite values already replaced), on the outputs' device."""
+        aux = outputs["aux_mask_logits"]
+        n_slices, n_q = aux.shape[:2]
+        if len(targets) != n_slices:
+            raise ValueError(f"matcher: {len(targets)} targets for {n_slices} slices")
+        device = aux.device
+        has_pred = "pred_logits" in outputs and "pred_masks" in outputs
+        decoded = outputs.get("decoded") if has_pred else None
+
+        # one shared set of points per slice, drawn for every slice (empty ones too) so draws do not depend on K
+        coords = random_points((n_slices, self.num_points, 2), device, generator)
+        aux_pts = _sample_all(aux, coords)  # (S, N, P)
+        pred_pts = _sample_all(outputs["pred_masks"], coords) if has_pred else None
+        boxes = outputs["aux_boxes"].float()
+        probs = outputs["pred_logits"].float().softmax(-1) if has_pred else None
+
+        costs = []
+        for s in range(n_slices):
+            tgt = targets[s]
+            labels = tgt["labels"].to(device)
+            k = labels.shape[0]
+            if k == 0:
+                costs.append(torch.zeros((n_q, 0), device=device))
+                continue
+            tgt_pts = point_sample(tgt["masks"].to(device).float()[None], coords[s:s + 1])[0]  # (K, P)
+            tgt_boxes = tgt["boxes"].to(device).float()
+            cost = self.cost_aux_mask * batch_bce_cost(aux_pts[s], tgt_pts) \
+                + self.cost_aux_dice * batch_dice_cost(aux_pts[s], tgt_pts) \
+                + self.cost_bbox * torch.cdist(boxes[s], tgt_boxes, p=1) \
+                - self.cost_giou * box_giou(boxes[s], tgt_boxes)
+            if has_pred:
+                pred_cost = -self.cost_class * probs[s][:, labels] \
+                    + self.cost_mask * batch_bce_cost(pred_pts[s], tgt_pts) \
+                    + self.cost_dice * batch_dice_cost(pred_pts[s], tgt_pts)
+                if decoded is not None:
+                    dec = decoded[s].to(device=device, dtype=torch.bool)[:, None]
+                    pred_cost = torch.where(dec, pred_cost, torch.full_like(pred_cost, self.undecoded_cost))
+                cost = cost + pred_cost
+            costs.append(torch.where(torch.isfinite(cost), cost, torch.full_like(cost, LARGE)))
+        return costs
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
                 generator: Optional[torch.Generator] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        aux = outputs["aux_mask_logits"]
-        n_slices, n_q = aux.shape[:2]
-        has_pred = "pred_logits" in outputs and "pred_masks" in outputs
-        decoded = outputs.get("decoded")
+        """-> per slice (query indices, target indices), int64 on the CPU, sorted by query index.
+
+        With K targets and N queries, min(N, K) pairs; a slice with K = 0 gives two empty tensors.
+        """
         indices = []
-        for s in range(n_slices):
-            tgt = targets[s]
-            k = tgt["labels"].shape[0]
-            if k == 0:
+        for cost in self.cost_matrices(outputs, targets, generator):
+            if cost.shape[1] == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty))
                 continue
-            coords = torch.rand(1, self.num_points, 2, generator=generator).to(aux.device)
-            tgt_pts = point_sample(tgt["masks"][:, None].float(), coords.expand(k, -1, -1))[:, 0]  # (K, P)
-            aux_pts = point_sample(aux[s][:, None].float(), coords.expand(n_q, -1, -1))[:, 0]  # (Q, P)
-            cost = self.cost_aux_mask * batch_bce_cost(aux_pts, tgt_pts) + \
-                self.cost_aux_dice * batch_dice_cost(aux_pts, tgt_pts)
-            boxes = outputs["aux_boxes"][s].float()
-            cost = cost + self.cost_bbox * torch.cdist(boxes, tgt["boxes"].float(), p=1)
-            cost = cost - self.cost_giou * generalized_box_iou(_valid_boxes(boxes), _valid_boxes(tgt["boxes"].float()))
-            if has_pred:
-                prob = outputs["pred_logits"][s].float().softmax(-1)  # (Q, C+1)
-                pred_pts = point_sample(outputs["pred_masks"][s][:, None].float(), coords.expand(n_q, -1, -1))[:, 0]
-                pred_cost = -self.cost_class * prob[:, tgt["labels"]] + \
-                    self.cost_mask * batch_bce_cost(pred_pts, tgt_pts) + \
-                    self.cost_dice * batch_dice_cost(pred_pts, tgt_pts)
-                if decoded is not None:
-                    dec = decoded[s].to(cost.device)[:, None]
-                    pred_cost = torch.where(dec, pred_cost, torch.full_like(pred_cost, 10.0))
-                cost = cost + pred_cost
-            cost = torch.nan_to_num(cost, nan=LARGE, posinf=LARGE, neginf=-LARGE).cpu()
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(cost.double().cpu().numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
-
-
-def _valid_boxes(boxes: torch.Tensor) -> torch.Tensor:
-    """Make x2 >= x1 and y2 >= y1 (GIoU asserts it) without changing valid boxes."""
-    x1y1 = boxes[:, :2]
-    x2y2 = torch.maximum(boxes[:, 2:], x1y1)
-    return torch.cat([x1y1, x2y2], dim=1)
