@@ -54,6 +54,7 @@ def test_outputs_on_the_input_grid_with_sidecar(model_dir, volume, tmp_path, cap
     sidecar = json.loads((tmp_path / "organs.json").read_text())
     assert sidecar["labels"] == {"1": "liver", "2": "spleen"}
     assert sidecar["model"]["name"] == "untrained" and sidecar["runtime_s"] > 0
+    assert all(0.0 <= o["confidence"] <= 1.0 for o in sidecar["organs"].values())
     if fmt == "seg.nrrd":
         import slicerio
 

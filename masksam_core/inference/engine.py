@@ -242,7 +242,9 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     engine = SlabEngine(model, options)
     probs = engine.run(region, pad_value, progress)
     labels_box = probs.argmax(axis=0).astype(np.uint8)
-    conf_box = probs.max(axis=0)
+    # MaskFormer's fused scores are not normalised (several queries may vote for one class), so the confidence
+    # is the winning class's share of the voxel's total score, in [0, 1]
+    conf_box = probs.max(axis=0) / np.maximum(probs.sum(axis=0), 1e-8)
     del probs
     if options.cleanup:
         labels_box = largest_components(labels_box, model.num_classes)
