@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from masksam_core.training.boxes import box_giou, box_giou_paired, masks_to_boxes_normalized
-from masksam_core.training.matcher import HungarianMatcher
+from masksam_core.training.matcher import ClassBoundMatcher, HungarianMatcher, make_matcher
 from masksam_core.training.points import point_sample, uncertain_point_coords
 
 C = 4  # classes incl. background; logits have C + 1 columns
@@ -207,3 +207,34 @@ def test_matching_is_reproducible_with_a_generator_and_uses_shared_points():
     assert not torch.equal(ca[0], cc[0])
     assert ca[0].shape == (6, 4) and all(torch.isfinite(c).all() for c in ca)
     assert math.isclose(m.cost_class, 0.2) and m.num_points == 300
+
+
+# ---------------------------------------------------------------- class-bound matching (CPU recipe)
+def test_class_bound_matching_binds_query_c_to_class_c_whatever_the_predictions():
+    targets = [make_targets(), make_targets(empty=True), make_targets()]
+    # predictions that Hungarian matching would assign elsewhere (targets reproduced by reversed queries)
+    outputs = perfect_outputs(targets, n_q=6, perms=[[3, 2, 1, 0], [], [5, 4, 3, 2]])
+    indices = ClassBoundMatcher()(outputs, targets)
+    for (q, k), t in zip(indices, targets):
+        assert q.dtype == torch.int64 and k.dtype == torch.int64
+        assert torch.equal(q, torch.sort(q).values)  # sorted by query
+        assert torch.equal(q, t["labels"][k])  # query index == class of its target
+    assert indices[1][0].numel() == 0
+    hungarian = HungarianMatcher(num_points=256)(outputs, targets, generator=gen())
+    assert as_dict(hungarian[0]) == {0: 3, 1: 2, 2: 1, 3: 0}  # the cost-based assignment differs
+
+
+def test_class_bound_matching_needs_a_query_per_class_and_criterion_uses_it():
+    from masksam_core.training.criterion import SetCriterion
+
+    targets = [make_targets()]
+    with pytest.raises(ValueError, match="query per class"):
+        ClassBoundMatcher()({"aux_mask_logits": torch.zeros(1, 3, 64, 64)}, targets)
+    outputs = perfect_outputs(targets, n_q=6)  # query c reproduces class c: a perfect class-bound prediction
+    crit = SetCriterion(num_classes=C, matcher=make_matcher("class_bound"), num_points=256)
+    losses = crit(outputs, targets, generator=gen())
+    assert float(losses["loss_ce"]) < 1e-3 and float(losses["loss_dice"]) < 0.1
+    swapped = perfect_outputs(targets, n_q=6, perms=[[1, 0, 2, 3]])  # classes 0 and 1 on each other's query
+    assert float(crit(swapped, targets, generator=gen())["loss_ce"]) > 5
+    with pytest.raises(ValueError, match="matching must be"):
+        make_matcher("greedy")

@@ -351,3 +351,37 @@ def test_model_cli_init_and_summary(tmp_path, litemedsam, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["trainable_params"] > 0 and summary["frozen_params"] > 9_000_000
     assert summary["output_shapes"]["pred_logits"] == [1, 2, 5]
+
+
+def test_background_threshold_fusion():
+    """Background = the constant t: a pixel is an organ only where that organ's fused score exceeds t."""
+    logits = torch.full((1, 3, 4), -20.0)  # 3 queries, C = 3 classes + no object
+    logits[0, 0, 0] = 20.0  # query 0: background, sure
+    logits[0, 1, 1] = 20.0  # query 1: class 1, sure
+    logits[0, 2, 2] = 0.0
+    logits[0, 2, 3] = 0.0   # query 2: class 2 or no object, 50/50
+    masks = torch.full((1, 3, 2, 2), -20.0)
+    masks[0, 0] = 20.0       # the background mask covers everything (what the short CPU recipe produces)
+    masks[0, 1, 0, 0] = 20.0
+    masks[0, 2, 1, 1] = 20.0
+    out = {"pred_logits": logits, "pred_masks": masks}
+    spec = semantic_probabilities(out).argmax(1)[0]
+    assert spec.tolist() == [[0, 0], [0, 0]]  # the background class wins everywhere
+    thr = semantic_probabilities(out, background_threshold=0.4).argmax(1)[0]
+    assert thr.tolist() == [[1, 0], [0, 2]]
+    assert semantic_probabilities(out, background_threshold=0.6).argmax(1)[0].tolist() == [[1, 0], [0, 0]]
+
+
+def test_card_inference_settings_are_validated(tmp_path):
+    from masksam_core.errors import ModelError
+    from masksam_core.model.card import ModelCard
+
+    card = _card(FAMILIES["tinyvit"](), _config("tinyvit", "cpu"))
+    data = card.to_dict()
+    assert ModelCard.from_dict(data).background_threshold is None
+    data["inference"] = {"background_threshold": 0.5}
+    assert ModelCard.from_dict(data).background_threshold == 0.5
+    for bad in (1.5, "0.5", True):
+        data["inference"] = {"background_threshold": bad}
+        with pytest.raises(ModelError, match="background_threshold"):
+            ModelCard.from_dict(data)

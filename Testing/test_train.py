@@ -63,8 +63,15 @@ def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp
     assert last < first, (first, last)
     val = [r for r in _log(out) if r["val_dice_mean"]]
     assert len(val) == 2 and "val_dice_liver" in val[0]
-    for name in ("model.json", "weights.pt", "curves.png", "summary.json", "train_config.json", "latest/model.json"):
+    for name in ("model.json", "weights.pt", "curves.png", "summary.json", "train_config.json", "latest/model.json",
+                 "README.md"):
         assert (out / name).exists(), name
+    readme = (out / "README.md").read_text()
+    assert "| 1 | liver |" in readme and "validation Dice" in readme and "not for clinical use" in readme.lower()
+    (out / "README.md").unlink()
+    from masksam_core.model.__main__ import main as model_main
+
+    assert model_main(["card", str(out)]) == 0 and (out / "README.md").read_text() == readme
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["recipe"] == "cpu" and card["training"]["cached_encoder_features"]
     assert "prompt_generator" in card["training"]["trained_parts"]
@@ -301,3 +308,64 @@ def test_augmentation_keeps_image_and_label_aligned():
     a1 = augment_slab(img, lab, None, torch.Generator().manual_seed(1))
     a2 = augment_slab(img, lab, None, torch.Generator().manual_seed(1))
     assert torch.equal(a1[0], a2[0]) and torch.equal(a1[1], a2[1])
+
+
+def test_each_stage_has_its_own_poly_schedule():
+    from masksam_core.training.loop import LoopConfig, staged_lr
+
+    cfg = LoopConfig(max_steps=100, steps_per_epoch=10, lr=1e-3, prompt_steps=60)
+    assert staged_lr(cfg, 0) == pytest.approx(1e-3)
+    assert staged_lr(cfg, 59) < 1e-4  # the prompt stage decays to ~0 ...
+    assert staged_lr(cfg, 60) == pytest.approx(1e-3)  # ... and the decoder stage starts again from lr
+    assert staged_lr(cfg, 99) < staged_lr(cfg, 80) < staged_lr(cfg, 61)
+    plain = LoopConfig(max_steps=100, steps_per_epoch=10, lr=1e-3)
+    assert staged_lr(plain, 50) == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def test_tensorboard_scalars_are_written_and_purged_on_resume(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from masksam_core.training.progress_log import TrainingLog
+
+    log = TrainingLog(tmp_path, ["loss_ce"], ["liver"])
+    for step in range(1, 6):
+        log.write({"step": step, "epoch": 0, "loss": 1.0 / step, "loss_ce": 0.5})
+    log.write({"step": 5, "epoch": 0, "val_dice_mean": 0.4, "val_dice_liver": 0.4})
+    log.close()
+    resumed = TrainingLog(tmp_path, ["loss_ce"], ["liver"], resume_step=3)  # killed after step 5, resumed at 3
+    resumed.write({"step": 4, "epoch": 0, "loss": 9.0, "loss_ce": 0.5})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert loss == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 9.0)]
+    assert [r["step"] for r in resumed.rows()] == ["1", "2", "3", "4"]
+
+
+def test_fine_tuning_caches_fewer_augmented_copies_by_default():
+    from masksam_core.training.config import merge_config
+
+    assert merge_config({}, {}).feature_copies == 4
+    assert merge_config({}, {"init_from": "model"}).feature_copies == 2
+    assert merge_config({"feature_copies": 3}, {"init_from": "model"}).feature_copies == 3
+    with pytest.raises(MaskSAMError, match="feature-copies"):
+        merge_config({}, {"feature_copies": 0})
+    with pytest.raises(MaskSAMError, match="matching"):
+        merge_config({"matching": "greedy"}, {})
+
+
+def test_matching_is_class_bound_for_the_cpu_recipe_and_follows_the_base_model():
+    from types import SimpleNamespace
+
+    from masksam_core.training.runner import resolve_matching
+
+    enough = SimpleNamespace(num_queries=16, num_classes=16)
+    few = SimpleNamespace(num_queries=6, num_classes=16)
+    assert resolve_matching("auto", True, enough, None) == "class_bound"
+    assert resolve_matching("auto", False, enough, None) == "hungarian"  # GPU recipe: the paper's matching
+    assert resolve_matching("auto", True, few, None) == "hungarian"
+    base = SimpleNamespace(training={"matching": "hungarian"})
+    assert resolve_matching("auto", True, enough, base) == "hungarian"
+    with pytest.raises(MaskSAMError, match="one query per class"):
+        resolve_matching("class_bound", True, few, None)

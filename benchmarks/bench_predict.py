@@ -2,10 +2,13 @@
 
     python benchmarks/bench_predict.py [--model DIR] [--size 512 512 300] [--spacing 0.8 0.8 1.0]
         [--settings default,fast,no-prune,fp32] [--device cpu|cuda]
+        [--input CT [--ref LABELS --ref-labels MAP.json]]
 
 Each setting runs ``python -m masksam_core.predict`` in its own process (so peak RSS is that run's); one JSON
 line per setting. Without ``--model`` an untrained LiteMedSAM model folder is made: its timings are real, but
-pruning then depends on random auxiliary masks, so measure pruning with a trained model.
+pruning then depends on random auxiliary masks, so measure pruning with a trained model. ``--input`` benchmarks a
+real volume instead of the synthetic one; with ``--ref`` (a labelmap on the same grid) and ``--ref-labels``
+({value: name}) each setting also reports its Dice per organ against it, so a speed-up's cost in Dice shows.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
     ap.add_argument("--settings", default="default,fast")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--input", help="a real volume to segment instead of the synthetic one")
+    ap.add_argument("--ref", help="reference labelmap on --input's grid")
+    ap.add_argument("--ref-labels", help="JSON {value: name} of --ref")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="masksam-bench-"))
     model = args.model
@@ -54,8 +60,17 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "masksam_core.model", "init", "--backbone", "litemedsam", "--classes",
                         "liver,spleen,aorta,kidney_left,kidney_right", "--out", model], check=True,
                        stdout=subprocess.DEVNULL)
-    src = work / "ct.nii.gz"
-    sitk.WriteImage(ct_like(args.size, args.spacing), str(src))
+    if args.input:
+        src = Path(args.input)
+        probe = sitk.ReadImage(str(src))
+        args.size, args.spacing = list(probe.GetSize()), [round(v, 3) for v in probe.GetSpacing()]
+    else:
+        src = work / "ct.nii.gz"
+        sitk.WriteImage(ct_like(args.size, args.spacing), str(src))
+    ref = ref_names = None
+    if args.ref:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(args.ref))
+        ref_names = {int(k): v for k, v in json.loads(Path(args.ref_labels).read_text()).items()}
     for name in args.settings.split(","):
         out = work / f"{name}.nii.gz"
         cmd = [sys.executable, "-m", "masksam_core.predict", "-i", str(src), "-o", str(out), "--model", model,
@@ -70,10 +85,18 @@ def main() -> None:
             continue
         side = json.loads((work / f"{name}.json").read_text())
         z_mm = args.size[2] * args.spacing[2]
-        print(json.dumps({"bench": "predict", "setting": name, "size": args.size, "spacing": args.spacing,
-                          "wall_s": round(wall, 1), "engine_s": side["runtime_s"],
-                          "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
-                          "peak_rss_mb": round(max(peak, before) / 1024, 0)}), flush=True)
+        row = {"bench": "predict", "setting": name, "input": str(src.name), "size": args.size,
+               "spacing": args.spacing, "wall_s": round(wall, 1), "engine_s": side["runtime_s"],
+               "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
+               "peak_rss_mb": round(max(peak, before) / 1024, 0)}
+        if ref is not None:
+            from masksam_core.demo import dice_by_name
+
+            pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+            dice = dice_by_name(pred, {int(k): v for k, v in side["labels"].items()}, ref, ref_names)
+            row["dice_mean"] = round(float(np.mean(list(dice.values()))), 3) if dice else None
+            row["dice"] = {k: round(v, 3) for k, v in dice.items()}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,19 @@ def dice_by_name(pred: np.ndarray, pred_labels: Dict[int, str], ref: np.ndarray,
     return out
 
 
+def _figure_path(output: Path) -> Path:
+    """``x/name.nii.gz`` -> ``x/name.png``."""
+    name = output.name
+    for ending in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha"):
+        if name.endswith(ending):
+            return output.with_name(name[: -len(ending)] + ".png")
+    return output.with_name(name + ".png")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from . import load_model, segment
     from .data.volume_io import read_volume
+    from .evaluation.figure import save_overlay_figure
     from .inference.engine import InferenceOptions, resolve_device
     from .predict import make_progress, resolve_model_dir, write_outputs
     from .sample_data import get_sample
@@ -55,7 +65,11 @@ def run_demo(args: argparse.Namespace) -> int:
     sidecar["input"] = str(sample["ct"])
     sidecar["dice_vs_reference_training_subject"] = dice
     write_outputs(labels, sidecar, out, "nii.gz", card, Path(sample["ct"]), overwrite=True)
-    print(f"Segmented {sample['ct'].name} in {sidecar['runtime_s']:.1f} s -> {out}")
+    figure = _figure_path(out)
+    save_overlay_figure(image, labels, card.labels(), {int(c["value"]): tuple(c["color"]) for c in card.classes},
+                        figure, title=f"MaskSAM ({card.name}) on TotalSegmentator's example CT "
+                                      "(training subject)")
+    print(f"Segmented {sample['ct'].name} in {sidecar['runtime_s']:.1f} s -> {out} (picture: {figure})")
     print("Dice is against TotalSegmentator's labels of the TRAINING SUBJECT (not a generalisation measure).")
     print(f"{'organ':32s} {'volume (ml)':>12s} {'confidence':>11s} {'Dice (training subject)':>24s}")
     for name, organ in sidecar["organs"].items():

@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case (1 plain + augmented)")
+    p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case, 1 plain + augmented (default 4; 2 with --init-from)")
     p.add_argument("--max-decoded", type=int, help="CPU recipe: queries decoded per slab and step (default 6)")
+    p.add_argument("--matching", choices=("auto", "hungarian", "class_bound"),
+                   help="query-target matching: hungarian (the paper) or class_bound (query c <-> class c); "
+                        "auto: class_bound for the cpu recipe")
+    p.add_argument("--background-threshold", type=float,
+                   help="semantic fusion used for validation and stored in the model card: a voxel is background "
+                        "unless an organ's fused score exceeds this (default: the paper's background class)")
     p.add_argument("--prompt-fraction", type=float,
                    help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25)")
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")

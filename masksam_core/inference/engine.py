@@ -18,6 +18,7 @@ the slices of the current slabs are held.
 from __future__ import annotations
 
 import os
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ class InferenceOptions:
     skip_outside_body: crop to the body (CT) before segmenting.
     cleanup: keep only the largest connected component of each organ.
     precision: "auto" (bf16 where the CPU or GPU supports it), "bf16" or "fp32".
+    background_threshold: semantic-fusion background threshold; None takes the model card's setting.
     """
 
     device: str = "auto"
@@ -57,6 +59,7 @@ class InferenceOptions:
     cleanup: bool = False
     precision: str = "auto"
     threads: Optional[int] = None
+    background_threshold: Optional[float] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,7 +194,8 @@ class SlabEngine:
                     stem_out = model.apply_stem(x)
                     feats = self._features_for(t, [z if z < nz else -1 - z for z in z_idx], x, stem_out, cache)
                     out = model.forward_features(feats, stem_out, decode=decode)
-                    sem = semantic_probabilities(out, size=(s, s))  # (D, C, S, S)
+                    sem = semantic_probabilities(out, size=(s, s),
+                                                 background_threshold=opts.background_threshold)  # (D, C, S, S)
                 sem = sem.float().cpu().numpy()[:nvalid, :, oy:oy + hy, ox:ox + wx]
                 w = (w_depth[:nvalid, None, None] * w_plane[None, oy:oy + hy, ox:ox + wx]).astype(np.float32)
                 probs[:, z0:z0 + nvalid, y0:y0 + hy, x0:x0 + wx] += sem.transpose(1, 0, 2, 3) * w[None]
@@ -215,6 +219,8 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     from ..data.intensity import normalize_intensity
 
     options = options or InferenceOptions()
+    if options.background_threshold is None and card.background_threshold is not None:
+        options = dataclasses.replace(options, background_threshold=card.background_threshold)
     start = time.perf_counter()
     if options.threads or torch.get_num_threads() > physical_cores():
         torch.set_num_threads(options.threads or physical_cores())

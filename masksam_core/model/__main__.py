@@ -1,8 +1,9 @@
-"""``python -m masksam_core.model {summary, init}``.
+"""``python -m masksam_core.model {summary, init, card}``.
 
 - ``summary``: builds MaskSAM on a backbone and prints one JSON object with ``trainable_params``,
   ``frozen_params`` and the output shapes for a dummy slab.
 - ``init``: writes an untrained model folder (a starting point for training, and the tests' fixture).
+- ``card FOLDER``: (re)writes the folder's ``README.md``, the model card in prose (training writes it too).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--name", help="model name (default: the folder's name)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("card", help="(re)write a model folder's README.md (the model card in prose)")
+    c.add_argument("folder", help="model folder")
     return parser
 
 
@@ -115,7 +118,12 @@ def init(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    result = summary(args) if args.command == "summary" else init(args)
+    if args.command == "card":
+        from .card_text import write_card_readme
+
+        result = {"readme": str(write_card_readme(args.folder))}
+    else:
+        result = summary(args) if args.command == "summary" else init(args)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -31,12 +31,19 @@ class ModelCard:
     classes: List[Dict[str, Any]]
     preprocessing: Dict[str, Any]
     training: Dict[str, Any] = field(default_factory=dict)
+    inference: Dict[str, Any] = field(default_factory=dict)  # {"background_threshold": t} (see semantic fusion)
     intended_use: str = RESEARCH_ONLY
     description: str = ""
     weights: str = WEIGHTS_FILE
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ facts used everywhere
+    @property
+    def background_threshold(self) -> Optional[float]:
+        """The semantic-fusion background threshold this model was validated with (None: the spec's fusion)."""
+        value = self.inference.get("background_threshold")
+        return None if value is None else float(value)
+
     @property
     def slab_depth(self) -> int:
         return self.architecture.slab_depth
@@ -84,6 +91,7 @@ class ModelCard:
             "classes": self.classes,
             "preprocessing": self.preprocessing,
             "training": self.training,
+            "inference": self.inference,
             "weights": self.weights,
         }
 
@@ -113,6 +121,7 @@ class ModelCard:
                 raise ModelError(f"{source}: backbone lacks {key}")
         return cls(name=data["name"], backbone=dict(data["backbone"]), architecture=arch, classes=list(classes),
                    preprocessing=dict(pre), training=dict(data.get("training", {})),
+                   inference=_inference_settings(data.get("inference", {}), source),
                    intended_use=data.get("intended_use", RESEARCH_ONLY), description=data.get("description", ""),
                    weights=data.get("weights", WEIGHTS_FILE), format_version=version)
 
@@ -130,9 +139,19 @@ class ModelCard:
         return cls.from_dict(data, source=str(path))
 
 
+def _inference_settings(data: Any, source: str) -> Dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ModelError(f"{source}: inference must be an object")
+    t = data.get("background_threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < float(t) < 1):
+        raise ModelError(f"{source}: inference.background_threshold must be a number in (0, 1), not {t!r}")
+    return dict(data)
+
+
 def make_card(name: str, backbone_name: str, backbone_sha256: str, input_size: int, config: MaskSAMConfig,
               classes: List[Dict[str, Any]], target_spacing, normalization: Optional[Dict[str, Any]] = None,
-              training: Optional[Dict[str, Any]] = None, description: str = "") -> ModelCard:
+              training: Optional[Dict[str, Any]] = None, description: str = "",
+              inference: Optional[Dict[str, Any]] = None) -> ModelCard:
     """A card for a new model; ``config.num_classes`` must be ``len(classes) + 1``."""
     card = ModelCard(
         name=name,
@@ -140,6 +159,6 @@ def make_card(name: str, backbone_name: str, backbone_sha256: str, input_size: i
         architecture=config, classes=classes,
         preprocessing={"target_spacing": [float(v) for v in target_spacing],
                        "normalization": dict(normalization or DEFAULT_CT_NORMALIZATION)},
-        training=dict(training or {}), description=description,
+        training=dict(training or {}), description=description, inference=dict(inference or {}),
     )
     return ModelCard.from_dict(card.to_dict())  # validates

@@ -268,11 +268,18 @@ class MaskSAM(nn.Module):
 
 
 
-def semantic_probabilities(outputs: Dict[str, torch.Tensor], size: Optional[Sequence[int]] = None) -> torch.Tensor:
+def semantic_probabilities(outputs: Dict[str, torch.Tensor], size: Optional[Sequence[int]] = None,
+                           background_threshold: Optional[float] = None) -> torch.Tensor:
     """MaskFormer semantic inference: semseg[c] = sum_q softmax(class_q)[c] · sigmoid(mask_q), no-object dropped.
 
     Queries not decoded contribute exactly zero. Returns (S, C, h, w) for the S slices, resized bilinearly to
     ``size`` (h, w) when given.
+
+    ``background_threshold`` t (a model card's ``inference`` setting): the background channel is replaced by the
+    constant t, so after argmax a pixel is background unless some organ's fused score exceeds t. ``None`` (the
+    spec) lets the background class's own fused score compete. The threshold form is for models whose decoded
+    background mask is unreliable (it covers the whole slice after the short CPU recipe; see the default model's
+    card); it changes nothing else.
     """
     logits = outputs["pred_logits"].float()
     cls = logits.softmax(-1)[..., :-1]
@@ -281,6 +288,8 @@ def semantic_probabilities(outputs: Dict[str, torch.Tensor], size: Optional[Sequ
     if decoded is not None:
         cls = cls * decoded[..., None].to(cls.dtype)
     sem = torch.einsum("snc,snhw->schw", cls, masks)
+    if background_threshold is not None:
+        sem = torch.cat([torch.full_like(sem[:, :1], float(background_threshold)), sem[:, 1:]], dim=1)
     if size is not None and tuple(sem.shape[-2:]) != tuple(size):
         sem = F.interpolate(sem, size=tuple(size), mode="bilinear", align_corners=False)
     return sem

@@ -42,9 +42,11 @@ class TrainConfig:
     lr: Optional[float] = None
     batch_size: int = 1
     precision: str = "auto"
-    feature_copies: int = 4
+    feature_copies: Optional[int] = None  # None: 4 for a new model, 2 when fine-tuning (--init-from)
     prompt_fraction: float = 0.25
     max_decoded: int = 6
+    background_threshold: Optional[float] = None  # semantic fusion: None = the spec's; t: organ only if score > t
+    matching: str = "auto"  # auto: class_bound for the cpu recipe (when N >= C), hungarian otherwise
     augmentation: Dict[str, Any] = field(default_factory=dict)
     num_points: int = 12544
     cache_dir: Optional[str] = None
@@ -93,6 +95,14 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError("give --epochs or --max-steps, not both")
     if cfg.recipe not in ("auto", "cpu", "gpu"):
         raise MaskSAMError(f"recipe must be auto, cpu or gpu, not {cfg.recipe!r}")
+    if cfg.background_threshold is not None and not 0 < float(cfg.background_threshold) < 1:
+        raise MaskSAMError("--background-threshold must be between 0 and 1")
+    if cfg.feature_copies is None:
+        cfg.feature_copies = 2 if cfg.init_from else 4
+    if int(cfg.feature_copies) < 1:
+        raise MaskSAMError("--feature-copies must be at least 1")
+    if cfg.matching not in ("auto", "hungarian", "class_bound"):
+        raise MaskSAMError(f"matching must be auto, hungarian or class_bound, not {cfg.matching!r}")
     if len(cfg.spacing) != 3 or min(float(v) for v in cfg.spacing) <= 0:
         raise MaskSAMError("spacing needs three positive numbers (x, y, z in mm)")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:

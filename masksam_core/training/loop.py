@@ -1,8 +1,9 @@
 """The training loop: steps, validation, checkpoints, exact resume, DDP.
 
 A step takes a batch from a :class:`BatchSource` (slabs of D slices with labels, and for the CPU recipe the cached
-encoder features), runs MaskSAM, matches predictions to per-slice targets (Hungarian) and applies the set
-criterion. Staging (CPU recipe): for the first ``prompt_steps`` steps only the prompt generator learns (no SAM
+encoder features), runs MaskSAM, matches predictions to per-slice targets and applies the set
+criterion. Matching is Hungarian (the spec) or class-bound (query c answers for class c; the CPU recipe, see
+``matcher.ClassBoundMatcher``). Staging (CPU recipe): for the first ``prompt_steps`` steps only the prompt generator learns (no SAM
 decode); afterwards SAM's decoder runs for the queries matched to a target plus a few unmatched non-empty ones
 (so that "no object" is learned), never for the others.
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from ..model.masksam import MaskSAM, semantic_probabilities
 from .criterion import SetCriterion
-from .matcher import HungarianMatcher
+from .matcher import make_matcher
 from .targets import slice_targets
 
 IGNORE = 255
@@ -59,10 +60,23 @@ class LoopConfig:
     precision: str = "auto"
     val_every_epochs: int = 1
     loss_weights: Dict[str, float] = field(default_factory=dict)
+    background_threshold: Optional[float] = None  # semantic fusion in validation (and in the model card)
+    matching: str = "hungarian"  # or "class_bound" (query c <-> class c; CPU recipe)
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - min(step, total) / max(total, 1)) ** power
+
+
+def staged_lr(cfg: "LoopConfig", step: int) -> float:
+    """Poly schedule per stage: the prompt-only stage (``prompt_steps``) and the decoder stage each decay from
+    ``lr`` to 0, so the decoder's adapters, classifier token and class head do not start at the tail of a schedule
+    that the prompt stage has used up. Without staging it is one poly schedule over ``max_steps``."""
+    if 0 < cfg.prompt_steps < cfg.max_steps:
+        if step < cfg.prompt_steps:
+            return poly_lr(cfg.lr, step, cfg.prompt_steps, cfg.poly_power)
+        return poly_lr(cfg.lr, step - cfg.prompt_steps, cfg.max_steps - cfg.prompt_steps, cfg.poly_power)
+    return poly_lr(cfg.lr, step, cfg.max_steps, cfg.poly_power)
 
 
 def _is_main() -> bool:
@@ -80,7 +94,7 @@ class Trainer:
         self.device = device
         self.amp = amp
         c = model.num_classes
-        self.matcher = HungarianMatcher(num_points=cfg.num_points)
+        self.matcher = make_matcher(cfg.matching, cfg.num_points)
         self.criterion = SetCriterion(num_classes=c, matcher=self.matcher, num_points=cfg.num_points,
                                       **({"weight_dict": {**SetCriterion.default_weights(), **cfg.loss_weights}}
                                          if cfg.loss_weights else {}))
@@ -142,7 +156,7 @@ class Trainer:
             decode = torch.zeros(g, self.model.config.num_queries, dtype=torch.bool, device=self.device)
         else:
             decode = self._decode_fn(targets, gen, g, d)
-        lr = poly_lr(self.cfg.lr, self.step, self.cfg.max_steps, self.cfg.poly_power)
+        lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         outputs = self._forward(batch, decode)
@@ -175,7 +189,8 @@ class Trainer:
         for batch in batches:
             with torch.inference_mode():
                 out = self._forward(batch, decode="nonempty")
-                sem = semantic_probabilities(out, size=batch.slab.shape[-2:])
+                sem = semantic_probabilities(out, size=batch.slab.shape[-2:],
+                                             background_threshold=self.cfg.background_threshold)
             pred = sem.argmax(1).cpu().numpy()
             lab = batch.label.reshape(pred.shape).cpu().numpy()
             valid = lab != IGNORE

@@ -4,7 +4,7 @@
   truncated to the resumed step on ``--resume`` so that it matches the weights.
 - progress: a tqdm bar, or JSON lines (``{"stage": "train", "done": k, "total": n, "loss": ...}``) for Slicer.
 - ``curves.png``: loss and validation Dice against steps.
-- TensorBoard scalars when the ``tensorboard`` package is installed.
+- TensorBoard scalars (``tensorboard/``) when the ``tensorboard`` package is installed, purged likewise on resume.
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ class TrainingLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(folder) / "tensorboard"))
+                # on resume, events after the resumed step (written before the kill) are purged, as in the CSV
+                self.writer = SummaryWriter(str(Path(folder) / "tensorboard"),
+                                            purge_step=None if resume_step is None else resume_step + 1)
             except Exception:  # tensorboard not installed
                 self.writer = None
 

@@ -30,6 +30,7 @@ from ..errors import MaskSAMError, OutputError
 from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, resolve_device
 from ..model.backbones import load_backbone
 from ..model.card import CARD_FILE, ModelCard, make_card
+from ..model.card_text import write_card_readme
 from ..model.folder import load_model, save_model_folder
 from ..model.masksam import MaskSAM
 from ..model.recipes import architecture_for_recipe
@@ -86,6 +87,20 @@ def trained_parts(model: MaskSAM) -> List[str]:
             if key not in parts:
                 parts.append(key)
     return parts
+
+
+def resolve_matching(requested: str, cached: bool, config, base_card: Optional[ModelCard]) -> str:
+    """"auto" -> the base model's matching when fine-tuning, else class-bound for the cached-feature (CPU) recipe
+    when there is a query per class, else Hungarian. Raises when class-bound is asked for with N < C."""
+    if requested == "auto":
+        if base_card is not None and base_card.training.get("matching"):
+            requested = base_card.training["matching"]
+        else:
+            requested = "class_bound" if cached and config.num_queries >= config.num_classes else "hungarian"
+    if requested == "class_bound" and config.num_queries < config.num_classes:
+        raise MaskSAMError(f"class-bound matching needs at least one query per class: {config.num_queries} "
+                           f"queries for {config.num_classes} classes (background included); raise --num-queries")
+    return requested
 
 
 def write_model_files(model: MaskSAM, card: ModelCard, folder: Path) -> None:
@@ -179,18 +194,24 @@ def run_training(cfg: TrainConfig) -> Dict:
     if world > 1 and main_proc:
         dist.barrier()
 
+    matching = resolve_matching(cfg.matching, cached, config, base_card)
+    background_threshold = cfg.background_threshold
+    if background_threshold is None and base_card is not None:
+        background_threshold = base_card.background_threshold  # fine-tuning keeps the base model's fusion
     steps_per_epoch = cfg.steps_per_epoch or (50 if recipe == "cpu" else 250)
     max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 20) * steps_per_epoch
     loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                           lr=cfg.lr or (3e-4 if cfg.init_from else 1e-3),
                           prompt_steps=int(cfg.prompt_fraction * max_steps) if (cached and not cfg.init_from) else 0,
                           decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
-                          max_decoded=cfg.max_decoded if cached else 0)
+                          max_decoded=cfg.max_decoded if cached else 0, matching=matching,
+                          background_threshold=background_threshold)
     trainer = Trainer(model, loop_cfg, device, amp)
     params = [p for p in model.parameters() if p.requires_grad]
 
     card_training = {
-        "recipe": recipe, "trained_parts": trained_parts(model), "cached_encoder_features": cached,
+        "recipe": recipe, "matching": matching, "trained_parts": trained_parts(model),
+        "cached_encoder_features": cached,
         "seed": cfg.seed, "max_steps": max_steps, "precision": "bf16" if amp else "fp32",
         "command": " ".join(shlex.quote(a) for a in sys.argv), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
@@ -208,6 +229,7 @@ def run_training(cfg: TrainConfig) -> Dict:
             rng = np.random.default_rng([cfg.seed, rank, trainer.step])
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + rank * 7919 + trainer.step)
         best = json.loads(state["best"])
+        start -= float(state.get("elapsed_s", 0.0))  # training time counts the interrupted part too
         resume_step = trainer.step
         if main_proc:
             print(f"resuming at step {trainer.step} of {max_steps}", file=sys.stderr, flush=True)
@@ -228,7 +250,9 @@ def run_training(cfg: TrainConfig) -> Dict:
         return make_card(cfg.name or out.name, backbone_name, backbone_sha, input_size, config,
                          base_card.classes if base_card else class_entries(classes), spacing, normalization,
                          training={**card_training, **extra}, description=cfg.description or
-                         f"MaskSAM ({backbone_name}) trained with `python -m masksam_core.train`.")
+                         f"MaskSAM ({backbone_name}) trained with `python -m masksam_core.train`.",
+                         inference={} if background_threshold is None else
+                         {"background_threshold": float(background_threshold)})
 
     try:
         while trainer.step < max_steps:
@@ -239,7 +263,10 @@ def run_training(cfg: TrainConfig) -> Dict:
                 log.write({"step": trainer.step, "epoch": epoch, **row})
             progress.update("train", loss=row["loss"])
             if trainer.step % steps_per_epoch == 0 or trainer.step == max_steps:
-                dice = trainer.validate(source.val_batches()) if source.has_validation else {}
+                # the prompt-only stage has no trained decoder yet: its decoded masks say nothing, so no validation
+                in_prompt_stage = trainer.step <= loop_cfg.prompt_steps < max_steps
+                dice = trainer.validate(source.val_batches()) if source.has_validation and not in_prompt_stage \
+                    else {}
                 if main_proc:
                     named = {organ_of[k]: v for k, v in dice.items()}
                     mean = float(np.mean(list(named.values()))) if named else None
@@ -256,7 +283,8 @@ def run_training(cfg: TrainConfig) -> Dict:
                     if improved:
                         write_model_files(model, card, out)
                     save_state(out / STATE_DIR, {"model": model.trainable_state_dict(), "trainer": trainer.state(),
-                                                 "rng": rng_state(rng, gen), "best": json.dumps(best)})
+                                                 "rng": rng_state(rng, gen), "best": json.dumps(best),
+                                                 "elapsed_s": float(time.time() - start)})
                 if world > 1:
                     dist.barrier()
     finally:
@@ -269,6 +297,8 @@ def run_training(cfg: TrainConfig) -> Dict:
     if main_proc:
         plot_curves(out / "train_log.csv", out / "curves.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if (out / CARD_FILE).is_file():
+            write_card_readme(out)
         print(f"done: {trainer.step} steps in {summary['training_time_s']:.0f} s; best step {best['step']} "
               f"with mean validation Dice {best['dice_mean']:.3f}", file=sys.stderr)
         for organ, value in best["dice"].items():

@@ -1,0 +1,88 @@
+"""A picture of a segmentation: organs overlaid on a few slices of the volume (PNG, for the README and reports).
+
+Slices are shown in radiological convention (patient left on the image's right, anterior up; coronal view with
+superior up), whatever the file's orientation: the volume and the labelmap are first brought to LPS axis order
+with SimpleITK's ``DICOMOrient`` and displayed with their physical aspect ratio.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..fileutil import atomic_file
+
+
+def _lps_arrays(image: sitk.Image, labels: sitk.Image) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+    """-> image and label arrays (z, y, x) in LPS order (x: right->left, y: anterior->posterior, z: inferior->
+    superior) and their spacing (x, y, z)."""
+    img = sitk.DICOMOrient(image, "LPS")
+    lab = sitk.DICOMOrient(labels, "LPS")
+    return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), img.GetSpacing()
+
+
+def _window(slice_hu: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return np.clip((slice_hu.astype(np.float32) - lo) / (hi - lo), 0, 1)
+
+
+def overlay_rgb(gray: np.ndarray, label: np.ndarray, colours: Dict[int, Tuple[int, int, int]],
+                alpha: float = 0.45) -> np.ndarray:
+    """``gray`` (h, w) in [0, 1], ``label`` (h, w) int -> (h, w, 3) float RGB with each label blended in its colour
+    and a darker outline."""
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    for value, colour in colours.items():
+        m = label == value
+        if not m.any():
+            continue
+        c = np.asarray(colour, np.float32) / 255.0
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * c
+        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+        rgb[edge] = 0.6 * c
+    return rgb
+
+
+def save_overlay_figure(image: sitk.Image, labels: sitk.Image, names: Dict[int, str],
+                        colours: Dict[int, Tuple[int, int, int]], path: Union[str, Path], title: str = "",
+                        axial_fractions: Optional[Sequence[float]] = None,
+                        window: Tuple[float, float] = (-160.0, 240.0)) -> Path:
+    """Write a PNG with three axial slices through the labelled region and one coronal slice, organs overlaid,
+    and a legend of the organs present. ``names``/``colours`` map label values to names and RGB (0-255)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    img, lab, (sx, sy, sz) = _lps_arrays(image, labels)
+    present = [int(v) for v in np.unique(lab) if v != 0 and int(v) in names]
+    zs = np.nonzero(lab.any(axis=(1, 2)))[0]
+    z_lo, z_hi = (int(zs.min()), int(zs.max())) if zs.size else (0, img.shape[0] - 1)
+    fractions = axial_fractions or (0.25, 0.55, 0.85)
+    axial = [int(round(z_lo + f * (z_hi - z_lo))) for f in fractions]
+    ys = np.nonzero(lab.any(axis=(0, 2)))[0]
+    y_cor = int(np.median(ys)) if ys.size else img.shape[1] // 2
+
+    fig, axes = plt.subplots(1, len(axial) + 1, figsize=(4.0 * (len(axial) + 1), 4.6))
+    for ax, z in zip(axes, axial):
+        ax.imshow(overlay_rgb(_window(img[z], window), lab[z], colours), aspect=sy / sx, interpolation="nearest")
+        ax.set_title(f"axial {z + 1}/{img.shape[0]}", fontsize=9)
+    # coronal: rows are z (flip so superior is up), columns x
+    cor = overlay_rgb(_window(img[:, y_cor, :], window), lab[:, y_cor, :], colours)[::-1]
+    axes[-1].imshow(cor, aspect=sz / sx, interpolation="nearest")
+    axes[-1].set_title("coronal", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    handles = [Patch(color=np.asarray(colours[v]) / 255.0, label=names[v]) for v in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.95 if title else 1))
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

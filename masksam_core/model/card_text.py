@@ -1,0 +1,73 @@
+"""The model card in prose: a ``README.md`` for a model folder, made from ``model.json`` (and ``summary.json``).
+
+Training writes it at the end of a run; ``python -m masksam_core.model card FOLDER`` rewrites it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .card import ModelCard
+
+README_FILE = "README.md"
+
+
+def _fmt_dice(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> str:
+    """Markdown describing ``card``: use and limits, classes with validation Dice, preprocessing, training."""
+    tr = card.training
+    arch = card.architecture
+    lines: List[str] = [f"# {card.name}", ""]
+    if card.description:
+        lines += [card.description.strip(), ""]
+    lines += [f"**Intended use:** {card.intended_use}", ""]
+    lines += ["## Network", "",
+              f"- MaskSAM on the **{card.backbone.get('name')}** backbone (input {card.input_size} px; base weights "
+              f"sha256 `{str(card.backbone.get('sha256'))[:16]}...`), slab depth D = {arch.slab_depth}, "
+              f"N = {arch.num_queries} queries, {arch.num_classes} classes with background.",
+              f"- Recipe `{tr.get('recipe', '?')}`, matching `{tr.get('matching', 'hungarian')}`; trained parts: "
+              f"{', '.join(tr.get('trained_parts', [])) or '?'}.",
+              f"- Preprocessing: resampled to {card.target_spacing} mm (x, y, z), intensities "
+              f"{json.dumps(card.normalization)}.", ""]
+    val = tr.get("val_dice", {}) or {}
+    lines += ["## Classes", "", "| value | name | display name | colour | validation Dice |", "|---|---|---|---|---|"]
+    for c in card.classes:
+        colour = "#%02x%02x%02x" % tuple(c.get("color", (0, 0, 0)))
+        lines.append(f"| {c['value']} | {c['name']} | {c.get('display_name', c['name'])} | {colour} | "
+                     f"{_fmt_dice(val.get(c['name']))} |")
+    if val:
+        mean = sum(val.values()) / len(val)
+        lines += ["", f"Mean validation Dice over the {len(val)} classes present in the validation data: "
+                      f"**{mean:.3f}** (step {tr.get('best_step', '?')})."]
+    lines += ["", "## Training", ""]
+    for key, label in (("command", "command"), ("dataset", "dataset"), ("seed", "seed"),
+                       ("max_steps", "steps"), ("precision", "precision"), ("processes", "processes"),
+                       ("training_time_s", "training time (s)"), ("hardware", "hardware"),
+                       ("init_from", "fine-tuned from")):
+        if tr.get(key) not in (None, ""):
+            value = tr[key]
+            lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
+    if summary:
+        lines.append(f"- best step {summary.get('best_step')} of {summary.get('steps')}, "
+                     f"{summary.get('training_time_s')} s in all")
+    lines += ["", "Files: `model.json` (this card, machine-readable), `weights.pt` (trained parts only; the frozen "
+                  "backbone comes from its own package or file, checked by sha256), `train_config.json` (effective "
+                  "configuration), `train_log.csv` and `curves.png` (every loss term and the validation Dice).", ""]
+    return "\n".join(lines)
+
+
+def write_card_readme(folder: Path) -> Path:
+    """(Re)write ``folder/README.md`` from its ``model.json`` and, when present, ``summary.json``."""
+    folder = Path(folder)
+    card = ModelCard.read(folder)
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    path = folder / README_FILE
+    tmp = folder / f".{README_FILE}.tmp"
+    tmp.write_text(card_markdown(card, summary), encoding="utf-8")
+    tmp.replace(path)
+    return path
