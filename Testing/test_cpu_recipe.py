@@ -83,3 +83,29 @@ def test_bf16_and_fp32_agree(model):
     bf16 = SlabEngine(model, InferenceOptions(precision="bf16", prune_empty_queries=False)).run(vol, 0.0)
     assert np.abs(fp32 - bf16).max() < 0.1
     assert (fp32.argmax(0) == bf16.argmax(0)).mean() > 0.97
+
+
+def test_engine_uses_the_background_threshold(model):
+    vol = _volume(z=4)
+    spec = SlabEngine(model, InferenceOptions(prune_empty_queries=False, precision="fp32")).run(vol, 0.0)
+    thr = SlabEngine(model, InferenceOptions(prune_empty_queries=False, precision="fp32",
+                                             background_threshold=0.3)).run(vol, 0.0)
+    assert np.allclose(thr[0], 0.3) and np.allclose(thr[1:], spec[1:], atol=1e-5)  # only background changes
+    labels = thr.argmax(0)
+    assert ((labels > 0) == (thr[1:].max(0) > 0.3)).all()
+
+
+def test_segment_takes_the_threshold_from_the_model_card(model):
+    import SimpleITK as sitk
+
+    from masksam_core.inference.engine import segment
+    from masksam_core.labels import class_entries
+    from masksam_core.model.card import make_card
+
+    card = make_card("t", "tinyvit", "x", model.input_size, model.config, class_entries(["liver", "spleen"]),
+                     (1.0, 1.0, 1.0), {"mode": "ct_window", "window": [-160.0, 240.0]},
+                     inference={"background_threshold": 0.999})
+    image = sitk.GetImageFromArray((_volume(z=4) * 400 - 100).astype(np.float32))
+    labels, info = segment(image, model, card, InferenceOptions(precision="fp32"))
+    assert info["options"]["background_threshold"] == 0.999
+    assert sitk.GetArrayFromImage(labels).max() == 0  # no organ is that sure

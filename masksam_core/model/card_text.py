@@ -32,7 +32,12 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
               f"- Recipe `{tr.get('recipe', '?')}`, matching `{tr.get('matching', 'hungarian')}`; trained parts: "
               f"{', '.join(tr.get('trained_parts', [])) or '?'}.",
               f"- Preprocessing: resampled to {card.target_spacing} mm (x, y, z), intensities "
-              f"{json.dumps(card.normalization)}.", ""]
+              f"{json.dumps(card.normalization)}.",
+              "- Semantic fusion: " + ("MaskFormer's, the background class competing with the organs."
+                                       if card.background_threshold is None else
+                                       f"a voxel is background unless an organ's fused score exceeds "
+                                       f"{card.background_threshold} (the background class's own mask is not used)."),
+              ""]
     val = tr.get("val_dice", {}) or {}
     lines += ["## Classes", "", "| value | name | display name | colour | validation Dice |", "|---|---|---|---|---|"]
     for c in card.classes:

@@ -89,6 +89,14 @@ def trained_parts(model: MaskSAM) -> List[str]:
     return parts
 
 
+def command_line() -> str:
+    """The command that started this run, as a user would type it (``python -m masksam_core.train ...``)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "train.py" and Path(argv[0]).parent.name == "masksam_core":
+        argv = ["python", "-m", "masksam_core.train"] + argv[1:]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 def resolve_matching(requested: str, cached: bool, config, base_card: Optional[ModelCard]) -> str:
     """"auto" -> the base model's matching when fine-tuning, else class-bound for the cached-feature (CPU) recipe
     when there is a query per class, else Hungarian. Raises when class-bound is asked for with N < C."""
@@ -213,7 +221,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         "recipe": recipe, "matching": matching, "trained_parts": trained_parts(model),
         "cached_encoder_features": cached,
         "seed": cfg.seed, "max_steps": max_steps, "precision": "bf16" if amp else "fp32",
-        "command": " ".join(shlex.quote(a) for a in sys.argv), "hardware": hardware(), "processes": world,
+        "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
     }
     best = {"dice_mean": -1.0, "step": None, "dice": {}}
