@@ -47,3 +47,17 @@ def test_training_state_restores_every_random_stream(tmp_path):
     assert torch.equal(expected[1], got[1]) and torch.equal(expected[2], got[2])
     assert expected[3] == got[3]
     assert [p.name for p in tmp_path.iterdir()] == ["training_state.pt"]
+
+
+def test_allocator_tuning_is_applied_once_and_harmless():
+    import sys
+
+    from masksam_core.inference import allocator
+
+    first = allocator.tune_allocator()
+    assert allocator.tune_allocator() is first  # once per process
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert first is True

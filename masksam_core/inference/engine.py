@@ -31,6 +31,7 @@ import torch
 from ..errors import InputError
 from ..model.card import ModelCard
 from ..model.masksam import MaskSAM, semantic_probabilities
+from .allocator import tune_allocator
 from .slabs import depth_weights, plane_weights, window_starts
 
 ProgressFn = Callable[[str, int, int], None]
@@ -219,6 +220,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     from ..data.intensity import normalize_intensity
 
     options = options or InferenceOptions()
+    tune_allocator()
     if options.background_threshold is None and card.background_threshold is not None:
         options = dataclasses.replace(options, background_threshold=card.background_threshold)
     start = time.perf_counter()
