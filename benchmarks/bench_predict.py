@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from masksam_core.demo import dice_by_name
+
 SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"]}
 
 
@@ -90,8 +92,6 @@ def main() -> None:
                "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
                "peak_rss_mb": round(max(peak, before) / 1024, 0)}
         if ref is not None:
-            from masksam_core.demo import dice_by_name
-
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
             dice = dice_by_name(pred, {int(k): v for k, v in side["labels"].items()}, ref, ref_names)
             row["dice_mean"] = round(float(np.mean(list(dice.values()))), 3) if dice else None

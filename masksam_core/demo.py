@@ -30,21 +30,12 @@ def dice_by_name(pred: np.ndarray, pred_labels: Dict[int, str], ref: np.ndarray,
     return out
 
 
-def _figure_path(output: Path) -> Path:
-    """``x/name.nii.gz`` -> ``x/name.png``."""
-    name = output.name
-    for ending in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha"):
-        if name.endswith(ending):
-            return output.with_name(name[: -len(ending)] + ".png")
-    return output.with_name(name + ".png")
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from . import load_model, segment
     from .data.volume_io import read_volume
     from .evaluation.figure import save_overlay_figure
     from .inference.engine import InferenceOptions, resolve_device
-    from .predict import make_progress, resolve_model_dir, write_outputs
+    from .predict import make_progress, resolve_model_dir, strip_volume_suffix, write_outputs
     from .sample_data import get_sample
 
     model_dir = resolve_model_dir(args.model)  # fails fast, before any download, when there is no model
@@ -65,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
     sidecar["input"] = str(sample["ct"])
     sidecar["dice_vs_reference_training_subject"] = dice
     write_outputs(labels, sidecar, out, "nii.gz", card, Path(sample["ct"]), overwrite=True)
-    figure = _figure_path(out)
+    figure = out.with_name(strip_volume_suffix(out.name) + ".png")  # beside the labelmap and its sidecar
     save_overlay_figure(image, labels, card.labels(), {int(c["value"]): tuple(c["color"]) for c in card.classes},
                         figure, title=f"MaskSAM ({card.name}) on TotalSegmentator's example CT "
                                       "(training subject)")

@@ -1,4 +1,4 @@
-"""Atomic folder and file writes shared by model folders, caches and reports."""
+"""Atomic folder writes shared by model folders and caches."""
 from __future__ import annotations
 
 import contextlib
@@ -29,19 +29,3 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-@contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path of ``final`` (same suffix); on success it is renamed onto ``final``, on any
-    error it is removed and ``final`` is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.tmp-", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..fileutil import atomic_file
+from ..data.volume_io import atomic_output
 
 
 def _lps_arrays(image: sitk.Image, labels: sitk.Image) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
@@ -82,7 +82,7 @@ def save_overlay_figure(image: sitk.Image, labels: sitk.Image, names: Dict[int, 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.95 if title else 1))
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_output(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

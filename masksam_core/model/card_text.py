@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..data.volume_io import atomic_output
 from .card import ModelCard
 
 README_FILE = "README.md"
@@ -72,7 +73,6 @@ def write_card_readme(folder: Path) -> Path:
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     path = folder / README_FILE
-    tmp = folder / f".{README_FILE}.tmp"
-    tmp.write_text(card_markdown(card, summary), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(card_markdown(card, summary), encoding="utf-8")
     return path
