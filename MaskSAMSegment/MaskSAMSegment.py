@@ -13,7 +13,7 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MaskSAMSegmentLib import engine_process, models, mrml_io  # noqa: E402
+from MaskSAMSegmentLib import dicom_seg, engine_process, models, mrml_io  # noqa: E402
 
 
 class MaskSAMSegment(ScriptedLoadableModule):
@@ -172,13 +172,23 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.ui.inputVolumeSelector.currentNode()
         if node is None:
             return
-        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", "", "Labelmap (*.nii.gz *.nrrd);;"
-                                              "Slicer segmentation (*.seg.nrrd);;DICOM SEG (*.dcm)")
-        if path:
-            try:
-                self.logic.export(node, volume, path)
-            except Exception as exc:
-                slicer.util.errorDisplay(f"Export failed: {exc}")
+        # DICOM SEG is offered only for a volume loaded from DICOM (its series is what the SEG references)
+        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", "", dicom_seg.export_file_filters(volume))
+        if not path:
+            return
+        if path.lower().endswith(".dcm"):
+            missing = dicom_seg.missing_packages()
+            if missing:
+                if not slicer.util.confirmOkCancelDisplay(
+                        "DICOM SEG export needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
+                    return
+                slicer.util.pip_install(" ".join(missing))
+        try:
+            self.logic.export(node, volume, path)
+        except Exception as exc:
+            slicer.util.errorDisplay(f"Export failed: {exc}")
+            return
+        self.ui.statusLabel.text = f"Exported to {path}"
 
 
 class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
@@ -241,11 +251,15 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         finally:
             run.cleanup()
 
-    def export(self, segmentation_node, volume_node, path):
-        if path.endswith(".seg.nrrd"):
+    def export(self, segmentation_node, volume_node, path, dicomDatabase=None):
+        """Write the segmentation by extension: ``.seg.nrrd`` (names, colours, terminology), ``.dcm`` (DICOM SEG
+        referencing the DICOM series ``volume_node`` was loaded from, found in ``dicomDatabase``, default
+        ``slicer.dicomDatabase``), else a labelmap (``.nii.gz``, ``.nrrd``)."""
+        lower = path.lower()
+        if lower.endswith(".seg.nrrd"):
             return mrml_io.export_seg_nrrd(segmentation_node, path)
-        if path.endswith(".dcm"):
-            raise RuntimeError("DICOM SEG export: use Slicer's DICOM module (Export to DICOM) for now")
+        if lower.endswith(".dcm"):
+            return str(dicom_seg.export_dicom_seg_for_volume(segmentation_node, volume_node, path, dicomDatabase))
         return mrml_io.export_labelmap(segmentation_node, volume_node, path)
 
 

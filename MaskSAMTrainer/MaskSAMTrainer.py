@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "MaskSAMSegment"))
 
 from MaskSAMSegmentLib import engine_process, models  # noqa: E402
-from MaskSAMTrainerLib import scene_dataset  # noqa: E402
+from MaskSAMTrainerLib import progress_rows, scene_dataset, training_plot  # noqa: E402
 
 
 class MaskSAMTrainer(ScriptedLoadableModule):
@@ -49,6 +49,7 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MaskSAMTrainerLogic()
+        self.ui.plotWidget.setMRMLPlotViewNode(self.logic.curves.ensureNodes())
         self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
         for entry in self.logic.registry.models():
             self.ui.baseModelComboBox.addItem(entry["label"], entry["path"])
@@ -80,6 +81,9 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.append(f"dataset: {len(report['cases'])} cases")
         self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
                                             self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes)
+        # the logic emptied (or re-created, after a scene close) the curves: show them
+        self.ui.plotWidget.setMRMLPlotViewNode(self.logic.curves.ensureNodes())
+        self.ui.progressBar.setValue(0)
         self.ui.trainButton.enabled = False
         self.ui.stopButton.enabled = True
         self.timer.start()
@@ -92,17 +96,30 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         while select.select([self.run.process.stdout], [], [], 0)[0]:
             if self.run.poll_lines() is not None:
                 break
-            line = self.run.log[-1] if self.run.log else ""
-            self.ui.logTextEdit.append(line)
-            if self.run.progress:
-                p = self.run.progress
-                self.ui.progressBar.setValue(int(100 * p["fraction"]))
-                self.logic.recordPoint(p)
+            self.showLine(self.run.log[-1] if self.run.log else "")
         if self.run.process.poll() is not None:
             self.finishRun()
 
+    def showLine(self, line):
+        """One line the train process printed: log it; a progress line moves the bar and adds a plot point."""
+        self.ui.logTextEdit.append(line)
+        progress = progress_rows.parse_line(line)
+        if progress is None:
+            return
+        if progress.get("stage") == "train" and progress.get("total"):
+            self.ui.progressBar.setValue(int(100 * progress.get("done", 0) / progress["total"]))
+        self.logic.recordProgress(progress)
+
     def finishRun(self):
+        import select
+
         self.timer.stop()
+        # the process has ended: show what it printed after the last poll (the pipe is at its end once every
+        # writer is gone; the timeout only guards against a stray child process holding it open)
+        while select.select([self.run.process.stdout], [], [], 0.5)[0]:
+            if self.run.poll_lines() is not None:
+                break
+            self.showLine(self.run.log[-1] if self.run.log else "")
         code = self.run.process.wait()
         out = self.logic.lastOutput
         if code == 0 or (Path(out) / "model.json").exists():
@@ -123,31 +140,55 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
-    def __init__(self):
+    """Usable from the Python console without the widget. ``curves`` holds the live loss / validation Dice table and
+    chart in ``scene`` (default ``slicer.mrmlScene``)."""
+
+    def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
         settings_dir = Path(slicer.app.slicerUserSettingsFilePath).parent if hasattr(slicer, "app") else Path.home()
         self.registry = models.ModelRegistry(settings_dir / "MaskSAM" / "models.json")
         self.lastOutput = None
-        self.curve = []
+        self.curves = training_plot.TrainingCurves(scene)
 
     def writeDataset(self, cases, classes, folder, manual=None, ignore_unmapped=False):
         return scene_dataset.write_dataset(cases, classes, folder, manual, ignore_unmapped)
 
     def startTraining(self, dataset, out, base, steps, device, classes):
+        """Start ``python -m masksam_core.train --progress json`` in the background; the curves start empty."""
         self.lastOutput = out
-        self.curve = []
+        self.curves.reset()
         cmd = scene_dataset.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes)
         return engine_process.EngineRun(lambda _wd: cmd)
 
-    def recordPoint(self, progress):
-        if "loss" in progress or "dice_mean" in progress:
-            self.curve.append({k: progress.get(k) for k in ("done", "loss", "dice_mean")})
+    def recordLine(self, line):
+        """Feed one output line of the train process; a loss or validation line adds a row to the curves."""
+        return self.curves.addLine(line)
+
+    def recordProgress(self, progress):
+        """Same as :meth:`recordLine` for an already decoded progress object."""
+        return self.curves.addProgress(progress)
+
+    recordPoint = recordProgress  # former name
 
     def registerModel(self, folder):
         self.registry.add(folder)
 
 
 class MaskSAMTrainerTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer; the rest of the logic is tested in CI (Testing/test_slicer_trainer_*.py)."""
+
     def runTest(self):
         slicer.mrmlScene.Clear()
-        self.delayDisplay("MaskSAMTrainer's logic is tested in CI (Testing/test_slicer_trainer_logic.py)")
+        self.test_curves()
+
+    def test_curves(self):
+        logic = MaskSAMTrainerLogic()
+        for line in ('{"stage": "train", "done": 1, "total": 2, "loss": 1.5}', "a log line",
+                     '{"stage": "train", "done": 2, "total": 2, "loss": 1.25}',
+                     '{"stage": "validation", "done": 2, "total": 2, "step": 2, "dice_mean": 0.5}'):
+            logic.recordLine(line)
+        table = logic.curves.tableNode
+        self.assertEqual(table.GetNumberOfRows(), 3)
+        self.assertEqual(list(slicer.util.arrayFromTableColumn(table, "step")), [1, 2, 2])
+        self.assertEqual(logic.curves.chartNode.GetNumberOfPlotSeriesNodes(), 2)
+        self.delayDisplay("Test passed")

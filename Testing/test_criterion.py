@@ -193,3 +193,30 @@ def test_reproducible_with_a_generator_and_weighted_total():
     assert total.item() == pytest.approx(sum(DEFAULT_WEIGHTS[k] * v.item() for k, v in a.items()), rel=1e-5)
     uniform = criterion(aux_importance_sampling=False)(out, targets, generator=gen(7))
     assert set(uniform) == ALL_TERMS and all(torch.isfinite(v) for v in uniform.values())
+
+
+def test_aux_negatives_push_unmatched_class_channels_to_empty():
+    """Class-bound matching: a channel whose class is absent from a slice is trained towards an empty mask."""
+    from masksam_core.training.matcher import ClassBoundMatcher
+
+    targets = [make_targets(64)]
+    n_q = C + 2  # two queries beyond the classes, never matched
+    present = set(targets[0]["labels"].tolist())
+    out = random_outputs(s_n=1, n_q=n_q)
+    plain = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500)
+    dense = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500, aux_negatives=True)
+    lp = plain({k: out[k] for k in ("aux_mask_logits", "aux_boxes")}, targets, generator=gen())
+    ld = dense({k: out[k] for k in ("aux_mask_logits", "aux_boxes")}, targets, generator=gen())
+    assert ld["loss_aux_mask"] > lp["loss_aux_mask"]
+    for name in ("loss_aux_dice", "loss_bbox", "loss_giou"):
+        assert ld[name].item() == pytest.approx(lp[name].item()), name
+    ld["loss_aux_mask"].backward()
+    grad = out["aux_mask_logits"].grad
+    absent = [q for q in range(n_q) if q not in present]
+    assert absent and all(grad[0, q].abs().sum() > 0 for q in absent)
+    # a confidently empty channel costs (almost) nothing: the term is minimal at -inf logits
+    quiet = {k: out[k].detach().clone() for k in ("aux_mask_logits", "aux_boxes")}
+    quiet["aux_mask_logits"][0, absent] = -30.0
+    lq = dense(quiet, targets, generator=gen())
+    lq_plain = plain(quiet, targets, generator=gen())
+    assert lq["loss_aux_mask"].item() == pytest.approx(lq_plain["loss_aux_mask"].item(), abs=1e-6)

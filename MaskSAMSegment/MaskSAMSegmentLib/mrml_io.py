@@ -106,6 +106,53 @@ def export_labelmap(segmentation_node, volume_node, path: str) -> str:
     return str(path)
 
 
+def _segments_to_labelmap_node(segmentation_node, volume_node, segment_ids, labelmap) -> None:
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    for sid in segment_ids:
+        ids.InsertNextValue(sid)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, volume_node):
+        raise RuntimeError("Slicer could not export the segments onto the volume's grid")
+    if labelmap.GetImageData() is None or \
+            tuple(labelmap.GetImageData().GetDimensions()) != tuple(volume_node.GetImageData().GetDimensions()):
+        raise RuntimeError("the exported segmentation does not lie on the volume's grid")
+
+
+def _all_segment_ids(segmentation_node) -> List[str]:
+    seg = segmentation_node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
+
+def export_segments_on_volume_grid(segmentation_node, volume_node, path: str, segment_ids=None) -> str:
+    """Segments ``segment_ids`` (default: all, in order) as a labelmap file on exactly the volume's grid (size,
+    spacing, origin, direction), label value k+1 for the k-th id; Slicer resamples segments stored on another
+    grid. Where segments overlap, the later one wins."""
+    scene = volume_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ids = _all_segment_ids(segmentation_node) if segment_ids is None else segment_ids
+        _segments_to_labelmap_node(segmentation_node, volume_node, ids, labelmap)
+        write_volume_node(labelmap, path)
+    finally:
+        scene.RemoveNode(labelmap)
+    return str(path)
+
+
+def segment_masks_on_volume_grid(segmentation_node, volume_node, segment_ids=None):
+    """Yield ``(segment id, boolean (z, y, x) mask on the volume's grid)`` one segment at a time (overlaps kept)."""
+    scene = volume_node.GetScene()
+    for sid in (_all_segment_ids(segmentation_node) if segment_ids is None else segment_ids):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            _segments_to_labelmap_node(segmentation_node, volume_node, [sid], labelmap)
+            mask = slicer.util.arrayFromVolume(labelmap) > 0
+        finally:
+            scene.RemoveNode(labelmap)
+        yield sid, mask
+
+
 def export_seg_nrrd(segmentation_node, path: str) -> str:
     """The segmentation with names, colours and terminology as a ``.seg.nrrd``."""
     scene = segmentation_node.GetScene()

@@ -11,6 +11,12 @@ Unweighted terms returned by ``SetCriterion.forward``:
   spec §8.3) at points sampled the same way (``aux_importance_sampling=False``: uniform points).
 - ``loss_bbox``, ``loss_giou``: L1 and 1 − GIoU of matched ``aux_boxes``.
 
+``aux_negatives=True`` (set for class-bound matching, where query q always answers for class q) adds to
+``loss_aux_mask`` the BCE of every unmatched query's auxiliary mask against an empty mask at uniformly sampled
+points, so a class channel learns "absent" on slices without its class. Without it a channel is only ever shown
+slices where its organ is present, never learns to stay empty, and its binarised mask (the prompt and the
+inference-time "nonempty" rule) is unreliable. Mask2Former has no such term: there a query has no fixed class.
+
 The mask and box terms are sums over matched pairs divided by the number of target masks in the batch (mean over
 processes under torch.distributed, at least 1), as in Mask2Former. ``decoded`` (S, N) restricts the class and
 mask terms to queries that went through SAM's decoder (the auxiliary terms cover every matched query); without
@@ -55,7 +61,7 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
                  weight_dict: Optional[Dict[str, float]] = None, eos_coef: float = 0.1, num_points: int = 12544,
                  oversample_ratio: float = 2.0, importance_sample_ratio: float = 0.75,
-                 aux_importance_sampling: bool = True) -> None:
+                 aux_importance_sampling: bool = True, aux_negatives: bool = False) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
@@ -68,6 +74,7 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = float(oversample_ratio)
         self.importance_sample_ratio = float(importance_sample_ratio)
         self.aux_importance_sampling = bool(aux_importance_sampling)
+        self.aux_negatives = bool(aux_negatives)
 
     @staticmethod
     def default_weights() -> Dict[str, float]:
@@ -106,6 +113,19 @@ class SetCriterion(nn.Module):
         src_pts = point_sample(src, coords)[:, 0]
         return bce_loss(src_pts, tgt_pts), dice_loss(src_pts, tgt_pts)
 
+    def _empty_bce(self, aux: torch.Tensor, s_idx: torch.Tensor, q_idx: torch.Tensor,
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+        """BCE sum of the unmatched (slice, query) auxiliary masks ``aux`` (S, N, h, w) against empty masks."""
+        unmatched = torch.ones(aux.shape[:2], dtype=torch.bool, device=aux.device)
+        unmatched[s_idx, q_idx] = False
+        src = aux[unmatched][:, None].float()  # (U, 1, h, w)
+        if src.shape[0] == 0:
+            return aux.float().sum() * 0.0
+        with torch.no_grad():
+            coords = random_points((src.shape[0], self.num_points, 2), src.device, generator)
+        pts = point_sample(src, coords)[:, 0]
+        return bce_loss(pts, torch.zeros_like(pts))
+
     # ------------------------------------------------------------------ forward
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
                 indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
@@ -134,6 +154,8 @@ class SetCriterion(nn.Module):
         # auxiliary masks and boxes: every matched query
         if m:
             bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, self.aux_importance_sampling, generator)
+            if self.aux_negatives:
+                bce = bce + self._empty_bce(aux, s_idx, q_idx, generator)
             src_boxes = aux_boxes[s_idx, q_idx].float()
             losses["loss_aux_mask"] = bce / num_masks
             losses["loss_aux_dice"] = dice / num_masks

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MaskSAMError, OutputError
+from ..inference.allocator import tune_allocator
 from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, resolve_device
 from ..model.backbones import load_backbone
 from ..model.card import CARD_FILE, ModelCard, make_card
@@ -153,6 +154,7 @@ def run_training(cfg: TrainConfig) -> Dict:
     main_proc = rank == 0
     if device.type == "cpu":
         torch.set_num_threads(physical_cores())
+    tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     # Encoding (feature cache, validation) uses bf16 where the hardware has it. Training on CPU defaults to fp32:
     # with torch 2.14, bf16 autocast back-propagation on CPU gave run-to-run differences and NaN losses on the

@@ -1,0 +1,84 @@
+"""``python -m masksam_core.train --progress json`` output -> rows of the training-curves table (no Slicer, no Qt).
+
+The train process prints one JSON object per line on stdout (``masksam_core.training.progress_log.Progress``):
+
+- after every step: ``{"stage": "train", "done": <step>, "total": <max steps>, "loss": <float>}``
+- after every validation: ``{"stage": "validation", "done": <step>, "total": ..., "step": <step>,
+  "dice_mean": <float>}``, with ``NaN`` (Python's json writes it bare) when no organ could be scored
+- at the end: ``{"stage": "done", "best_step": ..., "best_dice_mean": ...}``
+
+interleaved with plain log lines. A train line becomes a row ``(step, loss, NaN)``, a validation line a row
+``(step, NaN, dice_mean)``; everything else (including a validation without any Dice) gives no row.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional
+
+NAN = float("nan")
+
+
+class PlotRow(NamedTuple):
+    """One row of the curves table; NaN marks the value the row does not carry."""
+
+    step: int
+    loss: float
+    dice_mean: float
+
+
+def _number(value: Any) -> Optional[float]:
+    """A JSON number as float (NaN and infinities included); None for anything else (bool, str, null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _step(value: Any) -> Optional[int]:
+    number = _number(value)
+    if number is None or not math.isfinite(number) or number < 0 or number != int(number):
+        return None
+    return int(number)
+
+
+def row_from_progress(data: Dict[str, Any]) -> Optional[PlotRow]:
+    """The plot row of one decoded progress object, or None when it carries no point for the curves."""
+    if not isinstance(data, dict):
+        return None
+    stage = data.get("stage")
+    if stage == "train":
+        step, loss = _step(data.get("done")), _number(data.get("loss"))
+        if step is None or loss is None:
+            return None
+        return PlotRow(step, loss, NAN)
+    if stage == "validation":
+        step = _step(data.get("step", data.get("done")))
+        dice = _number(data.get("dice_mean"))
+        if step is None or dice is None or math.isnan(dice):
+            return None
+        return PlotRow(step, NAN, dice)
+    return None
+
+
+def parse_line(line: str) -> Optional[Dict[str, Any]]:
+    """A progress line decoded (``NaN``/``Infinity`` accepted, as ``json.dumps`` writes them); None for other
+    output."""
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "stage" in data else None
+
+
+def row_from_line(line: str) -> Optional[PlotRow]:
+    """The plot row of one line the train process printed, or None."""
+    data = parse_line(line)
+    return row_from_progress(data) if data is not None else None
+
+
+def rows_from_lines(lines: Iterable[str]) -> List[PlotRow]:
+    """The plot rows of a sequence of output lines, in order."""
+    return [row for row in (row_from_line(line) for line in lines) if row is not None]
