@@ -195,28 +195,39 @@ def test_reproducible_with_a_generator_and_weighted_total():
     assert set(uniform) == ALL_TERMS and all(torch.isfinite(v) for v in uniform.values())
 
 
-def test_aux_negatives_push_unmatched_class_channels_to_empty():
-    """Class-bound matching: a channel whose class is absent from a slice is trained towards an empty mask."""
+def test_dense_aux_terms_cover_every_pixel_and_every_class_channel():
+    """Class-bound matching: aux BCE on every pixel of every channel (absent classes against an empty mask), Dice
+    on every pixel of the present classes' channels."""
     from masksam_core.training.matcher import ClassBoundMatcher
 
     targets = [make_targets(64)]
     n_q = C + 2  # two queries beyond the classes, never matched
-    present = set(targets[0]["labels"].tolist())
+    present = targets[0]["labels"].tolist()
     out = random_outputs(s_n=1, n_q=n_q)
+    aux_only = {k: out[k] for k in ("aux_mask_logits", "aux_boxes")}
+    dense = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500, dense_aux=True)
+    losses = dense(aux_only, targets, generator=gen())
+    # by hand: BCE averaged per mask over all pixels, summed over all N channels; Dice over the present channels
+    logits = out["aux_mask_logits"].detach()[0]
+    target = torch.zeros_like(logits)
+    for j, c in enumerate(present):
+        target[c] = targets[0]["masks"][j]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2)).sum()
+    p = logits[present].sigmoid().flatten(1)
+    t = target[present].flatten(1)
+    dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).sum()
+    k = len(present)
+    assert losses["loss_aux_mask"].item() == pytest.approx(bce.item() / k, rel=1e-5)
+    assert losses["loss_aux_dice"].item() == pytest.approx(dice.item() / k, rel=1e-5)
+    losses["loss_aux_mask"].backward()
+    grad = out["aux_mask_logits"].grad[0]
+    assert all(grad[q].abs().sum() > 0 for q in range(n_q))  # absent channels are trained too
+    # a perfect semantic prediction (every channel, absent ones empty) costs almost nothing
+    perfect = {"aux_mask_logits": (target * 60 - 30)[None], "aux_boxes": aux_only["aux_boxes"].detach()}
+    best = dense(perfect, targets, generator=gen())
+    assert best["loss_aux_mask"].item() < 1e-6 and best["loss_aux_dice"].item() < 1e-3
+    # the box terms do not depend on the mode
     plain = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500)
-    dense = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500, aux_negatives=True)
-    lp = plain({k: out[k] for k in ("aux_mask_logits", "aux_boxes")}, targets, generator=gen())
-    ld = dense({k: out[k] for k in ("aux_mask_logits", "aux_boxes")}, targets, generator=gen())
-    assert ld["loss_aux_mask"] > lp["loss_aux_mask"]
-    for name in ("loss_aux_dice", "loss_bbox", "loss_giou"):
-        assert ld[name].item() == pytest.approx(lp[name].item()), name
-    ld["loss_aux_mask"].backward()
-    grad = out["aux_mask_logits"].grad
-    absent = [q for q in range(n_q) if q not in present]
-    assert absent and all(grad[0, q].abs().sum() > 0 for q in absent)
-    # a confidently empty channel costs (almost) nothing: the term is minimal at -inf logits
-    quiet = {k: out[k].detach().clone() for k in ("aux_mask_logits", "aux_boxes")}
-    quiet["aux_mask_logits"][0, absent] = -30.0
-    lq = dense(quiet, targets, generator=gen())
-    lq_plain = plain(quiet, targets, generator=gen())
-    assert lq["loss_aux_mask"].item() == pytest.approx(lq_plain["loss_aux_mask"].item(), abs=1e-6)
+    lp = plain(aux_only, targets, generator=gen())
+    for name in ("loss_bbox", "loss_giou"):
+        assert losses[name].item() == pytest.approx(lp[name].item()), name

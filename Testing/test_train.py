@@ -369,3 +369,27 @@ def test_matching_is_class_bound_for_the_cpu_recipe_and_follows_the_base_model()
     assert resolve_matching("auto", True, enough, base) == "hungarian"
     with pytest.raises(MaskSAMError, match="one query per class"):
         resolve_matching("class_bound", True, few, None)
+
+
+def test_prompt_stage_length_new_model_fine_tuning_and_explicit():
+    from masksam_core.training.config import merge_config
+    from masksam_core.training.runner import prompt_steps_for
+
+    assert prompt_steps_for(merge_config({}, {}), 400, cached=True) == 100
+    assert prompt_steps_for(merge_config({}, {"init_from": "m"}), 400, cached=True) == 0
+    assert prompt_steps_for(merge_config({}, {"init_from": "m", "prompt_fraction": 0.75}), 400, cached=True) == 300
+    assert prompt_steps_for(merge_config({"prompt_fraction": 0.5}, {}), 400, cached=False) == 0  # GPU recipe
+    for bad in (1.0, -0.1):
+        with pytest.raises(MaskSAMError, match="prompt-fraction"):
+            merge_config({}, {"prompt_fraction": bad})
+
+
+def test_class_bound_training_uses_dense_auxiliary_terms():
+    from masksam_core.model.masksam import MaskSAM
+    from masksam_core.model.recipes import architecture_for_recipe
+    from masksam_core.training.loop import LoopConfig, Trainer
+
+    model = MaskSAM(tiny_tinyvit_backbone(), architecture_for_recipe("cpu", 3, 2, 4, None))
+    for matching, dense in (("class_bound", True), ("hungarian", False)):
+        trainer = Trainer(model, LoopConfig(max_steps=1, steps_per_epoch=1, matching=matching), torch.device("cpu"), None)
+        assert trainer.criterion.dense_aux is dense

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semantic fusion used for validation and stored in the model card: a voxel is background "
                         "unless an organ's fused score exceeds this (default: the paper's background class)")
     p.add_argument("--prompt-fraction", type=float,
-                   help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25)")
+                   help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25; 0 with --init-from)")
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")

@@ -11,11 +11,14 @@ Unweighted terms returned by ``SetCriterion.forward``:
   spec §8.3) at points sampled the same way (``aux_importance_sampling=False``: uniform points).
 - ``loss_bbox``, ``loss_giou``: L1 and 1 − GIoU of matched ``aux_boxes``.
 
-``aux_negatives=True`` (set for class-bound matching, where query q always answers for class q) adds to
-``loss_aux_mask`` the BCE of every unmatched query's auxiliary mask against an empty mask at uniformly sampled
-points, so a class channel learns "absent" on slices without its class. Without it a channel is only ever shown
-slices where its organ is present, never learns to stay empty, and its binarised mask (the prompt and the
-inference-time "nonempty" rule) is unreliable. Mask2Former has no such term: there a query has no fixed class.
+``dense_aux=True`` (set for class-bound matching, where query q always answers for class q, so the auxiliary
+masks are a semantic segmentation with one channel per class) computes the two auxiliary mask terms on every pixel
+instead of at sampled points, and for every query: a matched query against its class's mask (BCE and Dice), an
+unmatched one against an empty mask (BCE only). Measured on the default model trained without it (validation
+slices of s1): channels of the organs it found fired on 71-100 % of the slices where their organ is absent (they
+were never shown such slices), and the channels of 8 small organs never fired at all (point-sampled BCE and Dice
+see too few of their pixels), so those organs were never decoded. Mask2Former has neither: there a query has no
+fixed class, and its masks are large.
 
 The mask and box terms are sums over matched pairs divided by the number of target masks in the batch (mean over
 processes under torch.distributed, at least 1), as in Mask2Former. ``decoded`` (S, N) restricts the class and
@@ -61,7 +64,7 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
                  weight_dict: Optional[Dict[str, float]] = None, eos_coef: float = 0.1, num_points: int = 12544,
                  oversample_ratio: float = 2.0, importance_sample_ratio: float = 0.75,
-                 aux_importance_sampling: bool = True, aux_negatives: bool = False) -> None:
+                 aux_importance_sampling: bool = True, dense_aux: bool = False) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
@@ -74,7 +77,7 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = float(oversample_ratio)
         self.importance_sample_ratio = float(importance_sample_ratio)
         self.aux_importance_sampling = bool(aux_importance_sampling)
-        self.aux_negatives = bool(aux_negatives)
+        self.dense_aux = bool(dense_aux)
 
     @staticmethod
     def default_weights() -> Dict[str, float]:
@@ -113,18 +116,20 @@ class SetCriterion(nn.Module):
         src_pts = point_sample(src, coords)[:, 0]
         return bce_loss(src_pts, tgt_pts), dice_loss(src_pts, tgt_pts)
 
-    def _empty_bce(self, aux: torch.Tensor, s_idx: torch.Tensor, q_idx: torch.Tensor,
-                   generator: Optional[torch.Generator]) -> torch.Tensor:
-        """BCE sum of the unmatched (slice, query) auxiliary masks ``aux`` (S, N, h, w) against empty masks."""
-        unmatched = torch.ones(aux.shape[:2], dtype=torch.bool, device=aux.device)
-        unmatched[s_idx, q_idx] = False
-        src = aux[unmatched][:, None].float()  # (U, 1, h, w)
-        if src.shape[0] == 0:
-            return aux.float().sum() * 0.0
-        with torch.no_grad():
-            coords = random_points((src.shape[0], self.num_points, 2), src.device, generator)
-        pts = point_sample(src, coords)[:, 0]
-        return bce_loss(pts, torch.zeros_like(pts))
+    @staticmethod
+    def _dense_aux_terms(aux: torch.Tensor, s_idx: torch.Tensor, q_idx: torch.Tensor,
+                         tgt_masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every-pixel auxiliary terms. ``aux`` (S, N, h, w) logits; the M matched pairs ``(s_idx, q_idx)`` with
+        ``tgt_masks`` (M, H, W). Returns (BCE summed over all S·N masks, each averaged over its pixels;
+        Dice loss summed over the M matched masks)."""
+        logits = aux.float()
+        if tuple(tgt_masks.shape[-2:]) != tuple(logits.shape[-2:]):
+            tgt_masks = F.interpolate(tgt_masks[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0]
+        target = torch.zeros_like(logits)
+        target[s_idx, q_idx] = tgt_masks.to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3)).sum()
+        dice = dice_loss(logits[s_idx, q_idx].flatten(1), target[s_idx, q_idx].flatten(1))
+        return bce, dice
 
     # ------------------------------------------------------------------ forward
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
@@ -153,9 +158,10 @@ class SetCriterion(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         # auxiliary masks and boxes: every matched query
         if m:
-            bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, self.aux_importance_sampling, generator)
-            if self.aux_negatives:
-                bce = bce + self._empty_bce(aux, s_idx, q_idx, generator)
+            if self.dense_aux:
+                bce, dice = self._dense_aux_terms(aux, s_idx, q_idx, tgt_masks)
+            else:
+                bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, self.aux_importance_sampling, generator)
             src_boxes = aux_boxes[s_idx, q_idx].float()
             losses["loss_aux_mask"] = bce / num_masks
             losses["loss_aux_dice"] = dice / num_masks

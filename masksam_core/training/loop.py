@@ -96,7 +96,7 @@ class Trainer:
         c = model.num_classes
         self.matcher = make_matcher(cfg.matching, cfg.num_points)
         self.criterion = SetCriterion(num_classes=c, matcher=self.matcher, num_points=cfg.num_points,
-                                      aux_negatives=cfg.matching == "class_bound",
+                                      dense_aux=cfg.matching == "class_bound",
                                       **({"weight_dict": {**SetCriterion.default_weights(), **cfg.loss_weights}}
                                          if cfg.loss_weights else {}))
         params = [p for p in model.parameters() if p.requires_grad]

@@ -130,6 +130,16 @@ def hardware() -> str:
            (", bf16" if cpu_supports_bf16() else "")
 
 
+def prompt_steps_for(cfg: TrainConfig, max_steps: int, cached: bool) -> int:
+    """Steps of the prompt-generator-only stage (CPU recipe only). ``prompt_fraction`` None: a quarter of the run
+    for a new model, none when fine-tuning (the prompt generator is already trained); an explicit value is honoured
+    in both cases (e.g. to continue the prompt generator of a model with a changed auxiliary loss)."""
+    if not cached:
+        return 0
+    fraction = cfg.prompt_fraction if cfg.prompt_fraction is not None else (0.0 if cfg.init_from else 0.25)
+    return int(fraction * max_steps)
+
+
 def check_output(cfg: TrainConfig, out: Path) -> None:
     has_state = (out / STATE_DIR).exists()
     if cfg.resume:
@@ -212,7 +222,7 @@ def run_training(cfg: TrainConfig) -> Dict:
     max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 20) * steps_per_epoch
     loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                           lr=cfg.lr or (3e-4 if cfg.init_from else 1e-3),
-                          prompt_steps=int(cfg.prompt_fraction * max_steps) if (cached and not cfg.init_from) else 0,
+                          prompt_steps=prompt_steps_for(cfg, max_steps, cached),
                           decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
                           max_decoded=cfg.max_decoded if cached else 0, matching=matching,
                           background_threshold=background_threshold)
