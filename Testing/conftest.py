@@ -17,6 +17,18 @@ SHARED_DATA = Path(os.environ.get("MASKSAM_SHARED_DATA", REPO_ROOT.parent / "sha
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory):
+    """Keep the tests' converted encoders and downloads out of the user's cache folder (``$MASKSAM_CACHE``)."""
+    old = os.environ.get("MASKSAM_CACHE")
+    os.environ["MASKSAM_CACHE"] = str(tmp_path_factory.mktemp("masksam-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MASKSAM_CACHE", None)
+    else:
+        os.environ["MASKSAM_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def totalseg_dir() -> Path:
     """Folder with the real abdominal CT ``s1_ct.nii.gz`` and its labels; skips when absent."""

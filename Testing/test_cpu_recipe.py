@@ -109,3 +109,59 @@ def test_segment_takes_the_threshold_from_the_model_card(model):
     labels, info = segment(image, model, card, InferenceOptions(precision="fp32"))
     assert info["options"]["background_threshold"] == 0.999
     assert sitk.GetArrayFromImage(labels).max() == 0  # no organ is that sure
+
+
+openvino_missing = pytest.mark.skipif(
+    __import__("masksam_core.inference.openvino_encoder", fromlist=["x"]).openvino_version() is None,
+    reason="openvino is not installed")
+
+
+@openvino_missing
+def test_openvino_encoder_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
+    from masksam_core.inference.openvino_encoder import OpenVINOEncoder
+
+    x = torch.randn(3, 3, model.input_size, model.input_size)
+    with torch.inference_mode():
+        ref = model.encoder(x)
+    ov_encoder = OpenVINOEncoder(model.encoder, model.input_size, threads=1, cache_root=tmp_path)
+    got = ov_encoder(x)
+    assert [tuple(g.shape) for g in got] == [tuple(r.shape) for r in ref]
+    for g, r in zip(got, ref):
+        assert float((g - r).abs().max()) <= 1e-4 * float(r.abs().max())
+    assert [tuple(g.shape) for g in ov_encoder(x[:1])] == [(1,) + tuple(r.shape[1:]) for r in ref]  # any batch
+    entries = [p.name for p in tmp_path.iterdir()]
+    assert len(entries) == 1 and not entries[0].startswith(".")  # one finished entry, no temporary left
+
+    def no_conversion(*_a, **_k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(OpenVINOEncoder, "_convert", no_conversion)
+    again = OpenVINOEncoder(model.encoder, model.input_size, threads=1, cache_root=tmp_path)(x)
+    assert all(torch.equal(a, g) for a, g in zip(again, got))
+
+
+@openvino_missing
+def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKSAM_CACHE", str(tmp_path))
+    vol = _volume(z=7)
+    runs = {}
+    for runtime in ("torch", "openvino"):
+        engine = SlabEngine(model, InferenceOptions(precision="fp32", runtime=runtime))
+        assert engine.runtime == runtime
+        runs[runtime] = engine.run(vol, 0.0)
+    assert np.abs(runs["torch"] - runs["openvino"]).max() < 1e-3
+    assert (runs["torch"].argmax(0) == runs["openvino"].argmax(0)).mean() > 0.999
+
+
+def test_runtime_choice(model, monkeypatch):
+    from masksam_core.inference import openvino_encoder
+    from masksam_core.inference.openvino_encoder import make_encoder_runner
+
+    cpu = torch.device("cpu")
+    assert make_encoder_runner(model, "torch", 1, False, cpu) == (model.encoder, "torch")
+    with pytest.raises(ValueError, match="runtime must be"):
+        make_encoder_runner(model, "onnx", 1, False, cpu)
+    monkeypatch.setattr(openvino_encoder, "openvino_version", lambda: None)
+    assert make_encoder_runner(model, "auto", 1, False, cpu)[1] == "torch"  # not installed: torch, silently
+    with pytest.raises(ValueError, match="needs the openvino package"):
+        make_encoder_runner(model, "openvino", 1, False, cpu)

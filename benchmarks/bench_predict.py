@@ -26,7 +26,8 @@ import SimpleITK as sitk
 
 from masksam_core.demo import dice_by_name
 
-SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"]}
+SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"],
+            "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"]}
 
 
 def ct_like(size, spacing) -> sitk.Image:
@@ -89,6 +90,7 @@ def main() -> None:
         z_mm = args.size[2] * args.spacing[2]
         row = {"bench": "predict", "setting": name, "input": str(src.name), "size": args.size,
                "spacing": args.spacing, "wall_s": round(wall, 1), "engine_s": side["runtime_s"],
+               "encoder_runtime": side.get("encoder_runtime"),
                "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
                "peak_rss_mb": round(max(peak, before) / 1024, 0)}
         if ref is not None:

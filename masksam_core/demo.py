@@ -48,7 +48,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         labels, sidecar = segment(image, model, card, InferenceOptions(device=str(device), fast=args.fast,
                                                                         cleanup=args.cleanup,
-                                                                        precision=args.precision), progress=report)
+                                                                        precision=args.precision,
+                                                                        runtime=args.runtime), progress=report)
     finally:
         close()
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(sample["labels"])))

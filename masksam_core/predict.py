@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup", action="store_true", help="keep only the largest connected part of each organ")
     p.add_argument("--no-prune", action="store_true", help="decode every query, even those with empty masks")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
+                   help="CPU runtime of the image encoder: auto (OpenVINO when installed), torch or openvino")
     p.add_argument("--demo", action="store_true", help="segment TotalSegmentator's example CT (downloaded once)")
     return p
 
@@ -190,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(args.device)
     model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
     options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
-                               cleanup=args.cleanup, precision=args.precision)
+                               cleanup=args.cleanup, precision=args.precision, runtime=args.runtime)
     report, close = make_progress(args.progress)
     try:
         for k, (src, out, fmt) in enumerate(jobs):

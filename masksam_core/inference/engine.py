@@ -50,6 +50,8 @@ class InferenceOptions:
     cleanup: keep only the largest connected component of each organ.
     precision: "auto" (bf16 where the CPU or GPU supports it), "bf16" or "fp32".
     background_threshold: semantic-fusion background threshold; None takes the model card's setting.
+    runtime: the per-slice encoder's runtime on the CPU: "auto" (OpenVINO when installed, else torch), "torch"
+        or "openvino" (see ``openvino_encoder.py``).
     """
 
     device: str = "auto"
@@ -61,6 +63,7 @@ class InferenceOptions:
     precision: str = "auto"
     threads: Optional[int] = None
     background_threshold: Optional[float] = None
+    runtime: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,6 +147,12 @@ class SlabEngine:
         self.options = options
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(self.device, options.precision)
+        self.encode_slices, self.runtime = model.encoder, "torch"
+        if model.encoder_is_per_slice:
+            from .openvino_encoder import make_encoder_runner
+
+            self.encode_slices, self.runtime = make_encoder_runner(
+                model, options.runtime, torch.get_num_threads(), self.amp is not None, self.device)
 
     def _features_for(self, tile_key: int, z_indices: List[int], slab: torch.Tensor, stem_out: torch.Tensor,
                       cache: Optional[_FeatureCache]) -> List[torch.Tensor]:
@@ -153,7 +162,7 @@ class SlabEngine:
         if missing:
             sub = stem_out[:, :, missing]
             g, c, m, s, _ = sub.shape
-            feats = self.model.encoder(sub.transpose(1, 2).reshape(g * m, c, s, s))
+            feats = self.encode_slices(sub.transpose(1, 2).reshape(g * m, c, s, s))
             for j, d in enumerate(missing):
                 cache.put((tile_key, z_indices[d]), [f[j: j + 1] for f in feats])
         per_slice = [cache.get((tile_key, z)) for z in z_indices]
@@ -247,7 +256,14 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
         if norm_spec.get("mode") in CT_MODES else float(region.min())
     if progress:
         progress("preprocess", 1, 1)
-    engine = SlabEngine(model, options)
+    if progress:
+        progress("prepare", 0, 1)
+    try:
+        engine = SlabEngine(model, options)
+    except ValueError as exc:  # runtime "openvino" asked for where it cannot run
+        raise InputError(str(exc)) from None
+    if progress:
+        progress("prepare", 1, 1)
     probs = engine.run(region, pad_value, progress)
     labels_box = probs.argmax(axis=0).astype(np.uint8)
     # MaskFormer's fused scores are not normalised (several queries may vote for one class), so the confidence
@@ -265,6 +281,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     out = resample_to_reference(label_img, image, sitk.sitkNearestNeighbor, 0)
     out = sitk.Cast(out, sitk.sitkUInt8)
     sidecar = _sidecar(out, labels_box, conf_box, card, options, time.perf_counter() - start)
+    sidecar["encoder_runtime"] = engine.runtime
     if progress:
         progress("postprocess", 1, 1)
     return out, sidecar
