@@ -385,3 +385,23 @@ def test_card_inference_settings_are_validated(tmp_path):
         data["inference"] = {"background_threshold": bad}
         with pytest.raises(ModelError, match="background_threshold"):
             ModelCard.from_dict(data)
+
+
+def test_model_card_text_keeps_the_lineage_of_fine_tuned_models():
+    from masksam_core.model.card_text import card_markdown
+
+    card = _card(FAMILIES["tinyvit"](), _config("tinyvit", "cpu"))
+    data = card.to_dict()
+    first = {"command": "python -m masksam_core.train --config a.yaml", "steps_done": 1750, "training_time_s": 4806.5,
+             "hardware": "cpu A"}
+    second = {"command": "python -m masksam_core.train --init-from m1", "steps_done": 400, "training_time_s": 2000.0,
+              "hardware": "cpu B", "base_training": first}
+    data["training"] = {"command": "python -m masksam_core.train --init-from m2", "training_time_s": 100.0,
+                        "init_from": "m2", "base_training": second}
+    text = card_markdown(ModelCard.from_dict(data))
+    for run in (first, second):
+        assert run["command"] in text and str(run["steps_done"]) in text and run["hardware"] in text
+    assert text.index("--init-from m2") < text.index("--init-from m1") < text.index("--config a.yaml")
+    assert "all 3 runs together: 6906 s" in text
+    data["training"] = {"command": "python -m masksam_core.train --config a.yaml"}
+    assert "runs together" not in card_markdown(ModelCard.from_dict(data))

@@ -283,6 +283,9 @@ def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path):
                    "--steps-per-epoch", "4", "--val-cases", "case02"] + COMMON) == 0
     card = json.loads((tuned / "model.json").read_text())
     assert card["training"]["init_from"] == str(base)
+    base_card = json.loads((base / "model.json").read_text())
+    assert card["training"]["base_training"] == base_card["training"]  # lineage kept
+    assert base_card["training"]["command"] in (tuned / "README.md").read_text()
     a = torch.load(base / "weights.pt", weights_only=True)
     b = torch.load(tuned / "weights.pt", weights_only=True)
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

@@ -60,6 +60,22 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
     if summary:
         lines.append(f"- best step {summary.get('best_step')} of {summary.get('steps')}, "
                      f"{summary.get('training_time_s')} s in all")
+    base = tr.get("base_training")
+    total_s = float(tr.get("training_time_s") or 0.0)
+    depth = 0
+    while isinstance(base, dict):
+        depth += 1
+        total_s += float(base.get("training_time_s") or 0.0)
+        lines += ["", f"Fine-tuned from a model trained by run {depth} before this one:" if depth == 1 else
+                  f"which was itself fine-tuned from a model trained by run {depth} before this one:"]
+        for key, label in (("command", "command"), ("dataset", "dataset"), ("seed", "seed"),
+                           ("steps_done", "steps"), ("training_time_s", "training time (s)"),
+                           ("hardware", "hardware")):
+            if base.get(key) not in (None, ""):
+                lines.append(f"  - {label}: `{base[key]}`" if key == "command" else f"  - {label}: {base[key]}")
+        base = base.get("base_training")
+    if depth:
+        lines += ["", f"Training time of all {depth + 1} runs together: {total_s:.0f} s."]
     lines += ["", "Files: `model.json` (this card, machine-readable), `weights.pt` (trained parts only; the frozen "
                   "backbone comes from its own package or file, checked by sha256), `train_config.json` (effective "
                   "configuration), `train_log.csv` and `curves.png` (every loss term and the validation Dice).", ""]

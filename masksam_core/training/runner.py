@@ -236,6 +236,8 @@ def run_training(cfg: TrainConfig) -> Dict:
         "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
     }
+    if base_card is not None:  # lineage: the base model's own training record (and, nested, its bases')
+        card_training["base_training"] = dict(base_card.training)
     best = {"dice_mean": -1.0, "step": None, "dice": {}}
     resume_step = None
     if cfg.resume:
