@@ -54,6 +54,29 @@ def test_cached_features_equal_the_live_encoder(model, tmp_path):
     assert FeatureCache(tmp_path, "k2").folder != cache.folder
 
 
+@pytest.mark.skipif(__import__("masksam_core.inference.openvino_encoder", fromlist=["x"]).openvino_version() is None,
+                    reason="openvino is not installed")
+def test_feature_cache_encoded_with_openvino_equals_torch(model, tmp_path):
+    from masksam_core.inference.openvino_encoder import make_encoder_runner
+
+    vol = _volume()
+    lab = np.zeros(vol.shape, np.uint8)
+    calls = []
+
+    def openvino_runner():
+        calls.append(1)
+        return make_encoder_runner(model, "openvino", 1, False, torch.device("cpu"), cache_root=tmp_path / "ov")[0]
+
+    (ov_entry,) = FeatureCache(tmp_path, "ov").build(model, [("c__c0", "c", 0, vol, lab)], None,
+                                                     torch.device("cpu"), make_encoder=openvino_runner)
+    (pt_entry,) = FeatureCache(tmp_path, "pt").build(model, [("c__c0", "c", 0, vol, lab)], None, torch.device("cpu"))
+    for a, b in zip(ov_entry.features, pt_entry.features):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 2e-3 * np.abs(b).max() + 1e-3
+    FeatureCache(tmp_path, "ov").build(model, [("c__c0", "c", 0, vol, lab)], None, torch.device("cpu"),
+                                       make_encoder=openvino_runner)
+    assert calls == [1]  # a complete cache is reused without preparing a runner
+
+
 def test_engine_feature_reuse_is_exact(model):
     vol = _volume(z=7)
     opts = InferenceOptions(prune_empty_queries=False, precision="fp32")

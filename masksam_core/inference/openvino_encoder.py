@@ -121,6 +121,16 @@ class OpenVINOEncoder:
         return [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
 
 
+def resolve_runtime(model, runtime: str, device: torch.device) -> str:
+    """The runtime ``make_encoder_runner`` will try for ``runtime`` ("auto" resolved), without converting anything."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    usable = device.type == "cpu" and model.encoder_is_per_slice and openvino_version() is not None
+    return "openvino" if usable else "torch"
+
+
 def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: torch.device,
                         cache_root: Optional[Path] = None):
     """The callable that encodes slices for the engine: ``model.encoder`` itself, or an :class:`OpenVINOEncoder`.

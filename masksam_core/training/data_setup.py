@@ -23,6 +23,7 @@ from ..data.cache import PreparedCase, build_cache
 from ..data.dataset import check_dataset, discover_dataset, select_classes
 from ..data.intensity import normalize_intensity
 from ..errors import InputError, MaskSAMError
+from ..inference.openvino_encoder import make_encoder_runner, resolve_runtime
 from ..model.masksam import MaskSAM
 from .config import TrainConfig
 from .feature_cache import FeatureCache, canvas, cache_key
@@ -84,8 +85,10 @@ class TrainingData:
         if not cached:
             return VolumeSource(self, s, model.slab_depth, pad, batch_size, device)
         copies = max(1, int(self.cfg.feature_copies))
+        runtime = resolve_runtime(model, "auto", device)  # OpenVINO encodes the cache where it is installed
         key = cache_key({"backbone": model.backbone_sha256, "size": s, "prep": self.prep_key, "copies": copies,
-                         "aug": self.cfg.augmentation, "seed": seed, "amp": str(amp)})
+                         "aug": self.cfg.augmentation, "seed": seed, "amp": str(amp),
+                         "encoder_runtime": runtime})
         gen = torch.Generator().manual_seed(seed)
         volumes = []
         for case in self.cases:
@@ -110,7 +113,8 @@ class TrainingData:
         if progress and not cache.is_complete([v[0] for v in volumes]):
             print(f"encoding {sum(v[3].shape[0] for v in volumes)} slices once into the feature cache "
                   f"{cache.folder}", file=sys.stderr, flush=True)
-        cached_volumes = cache.build(model, volumes, amp, device, reporter)
+        cached_volumes = cache.build(model, volumes, amp, device, reporter, make_encoder=lambda: make_encoder_runner(
+            model, runtime, torch.get_num_threads(), amp is not None, device)[0])
         source = CachedSource(cached_volumes, model.slab_depth, pad, batch_size, self.train_z, self.val_z)
         source.has_validation = bool(source.val_volumes)
         return source

@@ -78,14 +78,19 @@ def cache_key(parts: Dict) -> str:
 
 @torch.no_grad()
 def encode_volume(model: MaskSAM, image: np.ndarray, amp: Optional[torch.dtype],
-                  device: torch.device) -> List[np.ndarray]:
-    """Encoder features of every slice of ``image`` (Z, S, S) -> [(Z, C_k, h_k, w_k) fp16]."""
+                  device: torch.device, encoder: Optional[Callable] = None) -> List[np.ndarray]:
+    """Encoder features of every slice of ``image`` (Z, S, S) -> [(Z, C_k, h_k, w_k) fp16].
+
+    ``encoder``: what runs the encoder on (B, 3, S, S) (default ``model.encoder``; an OpenVINO runner, see
+    ``inference/openvino_encoder.py``)."""
+    encoder = encoder or model.encoder
     outs: List[List[np.ndarray]] = []
     for z0 in range(0, image.shape[0], ENCODE_BATCH):
         chunk = torch.from_numpy(np.ascontiguousarray(image[z0:z0 + ENCODE_BATCH], dtype=np.float32)).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             stem_out = model.apply_stem(chunk[None, None], check_depth=False)  # per-slice repeat stem
-            feats = model.encode(stem_out)
+            _, c, z, h, w = stem_out.shape
+            feats = encoder(stem_out.transpose(1, 2).reshape(z, c, h, w))
         outs.append([f.float().cpu().numpy().astype(np.float16) for f in feats])
     return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
 
@@ -112,8 +117,11 @@ class FeatureCache:
 
     def build(self, model: MaskSAM, volumes: Sequence[Tuple[str, str, int, np.ndarray, np.ndarray]],
               amp: Optional[torch.dtype], device: torch.device,
-              progress: Optional[Callable[[str, int, int], None]] = None) -> List[CachedVolume]:
-        """Encode missing entries. ``volumes``: (entry name, case, copy, image (Z,S,S), label (Z,S,S))."""
+              progress: Optional[Callable[[str, int, int], None]] = None,
+              make_encoder: Optional[Callable[[], Callable]] = None) -> List[CachedVolume]:
+        """Encode missing entries. ``volumes``: (entry name, case, copy, image (Z,S,S), label (Z,S,S)).
+        ``make_encoder``: called once, only if something must be encoded, for the encoder runner (default
+        ``model.encoder``)."""
         if not model.encoder_is_per_slice:
             raise ValueError("the feature cache needs an encoder that treats slices independently (CPU recipe)")
         names = [v[0] for v in volumes]
@@ -123,6 +131,7 @@ class FeatureCache:
         (self.folder / "manifest.json").unlink(missing_ok=True)
         total = sum(v[3].shape[0] for v in volumes)
         done = 0
+        encoder = None
         for name, case, copy, image, label in volumes:
             final = self.folder / name
             if (final / "meta.json").exists():
@@ -131,7 +140,9 @@ class FeatureCache:
             with atomic_folder(final) as tmp:
                 np.save(tmp / "image.npy", image.astype(np.float16))
                 np.save(tmp / "label.npy", label.astype(np.uint8))
-                feats = encode_volume(model, image, amp, device)
+                if encoder is None:
+                    encoder = make_encoder() if make_encoder else model.encoder
+                feats = encode_volume(model, image, amp, device, encoder)
                 for k, f in enumerate(feats):
                     np.save(tmp / f"feat{k}.npy", f)
                 (tmp / "meta.json").write_text(json.dumps({"case": case, "copy": copy, "slices": int(image.shape[0]),
