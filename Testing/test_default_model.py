@@ -22,7 +22,8 @@ EXPECTED_CLASSES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liv
                     "inferior_vena_cava", "portal_vein_and_splenic_vein"]
 # the organs the bundled model finds (validation Dice 0.53-0.94); it misses the stomach and the small organs and
 # vessels (Dice 0 on its validation slices; see its model card)
-FOUND_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "colon", "urinary_bladder"]
+FOUND_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "colon", "urinary_bladder", "aorta",
+                "inferior_vena_cava"]
 
 
 def test_bundled_model_folder_is_complete_and_says_what_it_is():
@@ -88,6 +89,6 @@ def test_default_model_finds_the_organs_on_a_512_grid_at_clinical_spacing(totals
             q = p == value
             dice[name] = 2 * np.logical_and(q, t).sum() / (q.sum() + t.sum())
     print(json.dumps({"dice_512_grid": dice}))
-    found = [dice[n] for n in FOUND_ORGANS]  # measured: 0.64-0.92, mean 0.81; all 15: mean 0.32
-    assert min(found) > 0.5 and np.mean(found) > 0.7, dice
-    assert np.mean(list(dice.values())) > 0.25, dice
+    found = [dice[n] for n in FOUND_ORGANS]  # measured: 0.73-0.92, mean 0.85; all 15: mean 0.49
+    assert min(found) > 0.6 and np.mean(found) > 0.75, dice
+    assert np.mean(list(dice.values())) > 0.4, dice

@@ -6,7 +6,6 @@ back with pydicom/highdicom and compared, frame by frame, with the labelmap the 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -21,6 +20,8 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("this 'slicer' module is not slicer-core", allow_module_level=True)
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
+
+from slicer_stubs import import_module_without_qt as _import_module_without_qt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MaskSAMSegment"))
@@ -193,26 +194,6 @@ def test_terminology_tag_parsing():
                                                       "modifier": ["7771000", "SCT", "Left"]}
     assert dicom_seg.snomed_from_terminology("") is None
     assert dicom_seg.snomed_from_terminology("ctx~^^~^^~^^~x~^^~^^") is None
-
-
-def _import_module_without_qt(monkeypatch, module: str):
-    """Import ``<module>/<module>.py`` with stand-ins for what only the Slicer application has (qt, the
-    ScriptedLoadableModule base classes), so that its logic and widget methods run against real MRML."""
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class _Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(slm, name, type(name, (_Base,), {}))
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    spec = importlib.util.spec_from_file_location(f"_test_{module}", ROOT / module / f"{module}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class _Selector:

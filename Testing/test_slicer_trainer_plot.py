@@ -5,11 +5,9 @@ The progress lines are produced by the engine's own ``Progress`` class (what ``p
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("this 'slicer' module is not slicer-core", allow_module_level=True)
+
+from slicer_stubs import import_module_without_qt as _import_module_without_qt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MaskSAMSegment"))
@@ -127,26 +127,6 @@ def test_curves_table_and_chart_in_a_real_scene(capsys):
     assert curves.tableNode is not table
     _assert_rows(_table_rows(curves.tableNode), [EXPECTED[1]])
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
-
-
-def _import_module_without_qt(monkeypatch, module: str):
-    """Import ``<module>/<module>.py`` with stand-ins for what only the Slicer application has (qt, the
-    ScriptedLoadableModule base classes), so that its logic class runs against slicer-core's real MRML."""
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class _Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(slm, name, type(name, (_Base,), {}))
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    spec = importlib.util.spec_from_file_location(f"_test_{module}", ROOT / module / f"{module}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_trainer_logic_plots_progress_and_resets_on_new_training(capsys, monkeypatch, tmp_path):

@@ -1,12 +1,12 @@
 """End-to-end segmentation time (file in, labelmap out), slices per second and peak RSS on a CT-like volume.
 
-    python benchmarks/bench_predict.py [--model DIR] [--size 512 512 300] [--spacing 0.8 0.8 1.0]
+    python benchmarks/bench_predict.py [--model DIR | --untrained] [--size 512 512 300] [--spacing 0.8 0.8 1.0]
         [--settings default,fast,no-prune,fp32] [--device cpu|cuda]
         [--input CT [--ref LABELS --ref-labels MAP.json]]
 
 Each setting runs ``python -m masksam_core.predict`` in its own process (so peak RSS is that run's); one JSON
-line per setting. Without ``--model`` an untrained LiteMedSAM model folder is made: its timings are real, but
-pruning then depends on random auxiliary masks, so measure pruning with a trained model. ``--input`` benchmarks a
+line per setting. Without ``--model`` the bundled default model runs; ``--untrained`` makes an untrained LiteMedSAM
+model folder instead (its pruning depends on random auxiliary masks: it decodes nearly every query). ``--input`` benchmarks a
 real volume instead of the synthetic one; with ``--ref`` (a labelmap on the same grid) and ``--ref-labels``
 ({value: name}) each setting also reports its Dice per organ against it, so a speed-up's cost in Dice shows.
 """
@@ -47,7 +47,8 @@ def ct_like(size, spacing) -> sitk.Image:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
+    ap.add_argument("--model", help="model folder (default: the bundled default model)")
+    ap.add_argument("--untrained", action="store_true", help="an untrained LiteMedSAM model instead")
     ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 300])
     ap.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
     ap.add_argument("--settings", default="default,fast")
@@ -58,6 +59,10 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="masksam-bench-"))
     model = args.model
+    if model is None and not args.untrained:
+        from masksam_core.predict import resolve_model_dir
+
+        model = str(resolve_model_dir(None))
     if model is None:
         model = str(work / "untrained")
         subprocess.run([sys.executable, "-m", "masksam_core.model", "init", "--backbone", "litemedsam", "--classes",
