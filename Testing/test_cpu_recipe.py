@@ -80,7 +80,11 @@ def test_feature_cache_encoded_with_openvino_equals_torch(model, tmp_path):
 def test_engine_feature_reuse_is_exact(model):
     vol = _volume(z=7)
     opts = InferenceOptions(prune_empty_queries=False, precision="fp32")
-    reused = SlabEngine(model, opts).run(vol, 0.0)
+    first = SlabEngine(model, opts)
+    reused = first.run(vol, 0.0)
+    n = model.config.num_queries
+    assert first.stats["slabs"] == 6 and first.stats["encoded_slices"] == 7  # each slice encoded once
+    assert first.stats["decoded_queries"] == 6 * n  # no pruning: every query of every slab
     engine = SlabEngine(model, opts)
     engine._features_for = lambda key, zs, slab, stem, cache: model.encode(stem)  # encode every slab afresh
     fresh = engine.run(vol, 0.0)

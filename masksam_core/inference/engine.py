@@ -148,6 +148,7 @@ class SlabEngine:
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(self.device, options.precision)
         self.encode_slices, self.runtime = model.encoder, "torch"
+        self.stats = {"slabs": 0, "encoded_slices": 0, "decoded_queries": 0}  # filled by run()
         if model.encoder_is_per_slice:
             from .openvino_encoder import make_encoder_runner
 
@@ -157,12 +158,14 @@ class SlabEngine:
     def _features_for(self, tile_key: int, z_indices: List[int], slab: torch.Tensor, stem_out: torch.Tensor,
                       cache: Optional[_FeatureCache]) -> List[torch.Tensor]:
         if cache is None:
+            self.stats["encoded_slices"] += stem_out.shape[0] * stem_out.shape[2]
             return self.model.encode(stem_out)
         missing = [d for d, z in enumerate(z_indices) if cache.get((tile_key, z)) is None]
         if missing:
             sub = stem_out[:, :, missing]
             g, c, m, s, _ = sub.shape
             feats = self.encode_slices(sub.transpose(1, 2).reshape(g * m, c, s, s))
+            self.stats["encoded_slices"] += g * m
             for j, d in enumerate(missing):
                 cache.put((tile_key, z_indices[d]), [f[j: j + 1] for f in feats])
         per_slice = [cache.get((tile_key, z)) for z in z_indices]
@@ -204,6 +207,8 @@ class SlabEngine:
                     stem_out = model.apply_stem(x)
                     feats = self._features_for(t, [z if z < nz else -1 - z for z in z_idx], x, stem_out, cache)
                     out = model.forward_features(feats, stem_out, decode=decode)
+                    self.stats["slabs"] += 1
+                    self.stats["decoded_queries"] += int(out["decoded"][::d].sum())  # (slab, query) pairs
                     sem = semantic_probabilities(out, size=(s, s),
                                                  background_threshold=opts.background_threshold)  # (D, C, S, S)
                 sem = sem.float().cpu().numpy()[:nvalid, :, oy:oy + hy, ox:ox + wx]
@@ -282,6 +287,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     out = sitk.Cast(out, sitk.sitkUInt8)
     sidecar = _sidecar(out, labels_box, conf_box, card, options, time.perf_counter() - start)
     sidecar["encoder_runtime"] = engine.runtime
+    sidecar["engine_stats"] = {**engine.stats, "queries": model.config.num_queries}
     if progress:
         progress("postprocess", 1, 1)
     return out, sidecar
