@@ -127,8 +127,13 @@ def resolve_runtime(model, runtime: str, device: torch.device) -> str:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     if runtime != "auto":
         return runtime
-    usable = device.type == "cpu" and model.encoder_is_per_slice and openvino_version() is not None
+    usable = _convertible(model, device) and openvino_version() is not None
     return "openvino" if usable else "torch"
+
+
+def _convertible(model, device: torch.device) -> bool:
+    """A per-slice torch encoder on the CPU (the CPU recipe): what OpenVINO can take over."""
+    return device.type == "cpu" and model.encoder_is_per_slice and isinstance(model.encoder, nn.Module)
 
 
 def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: torch.device,
@@ -140,7 +145,7 @@ def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: t
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    usable = device.type == "cpu" and model.encoder_is_per_slice
+    usable = _convertible(model, device)
     if runtime == "torch" or (runtime == "auto" and (not usable or openvino_version() is None)):
         return model.encoder, "torch"
     if not usable:
