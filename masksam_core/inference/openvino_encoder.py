@@ -143,12 +143,9 @@ def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: t
     ``runtime``: "torch"; "openvino" (an error when it cannot be used); "auto" (OpenVINO on the CPU for a per-slice
     encoder when it is installed, torch otherwise). Returns (runner, name of the runtime used).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    usable = _convertible(model, device)
-    if runtime == "torch" or (runtime == "auto" and (not usable or openvino_version() is None)):
+    if resolve_runtime(model, runtime, device) == "torch":
         return model.encoder, "torch"
-    if not usable:
+    if not _convertible(model, device):
         raise ValueError("the OpenVINO runtime needs the CPU and a per-slice encoder (a CPU-recipe model)")
     if openvino_version() is None:
         raise ValueError("the OpenVINO runtime needs the openvino package (pip install openvino)")
