@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from masksam_core.evaluation.figure import _lps_arrays, overlay_rgb, save_overlay_figure
+from masksam_core.evaluation.figure import (_lps_arrays, organ_surfaces, overlay_rgb, save_overlay_figure,
+                                           save_surface_figure)
 
 
 def _volume_with_left_anterior_cube(direction):
@@ -53,3 +54,29 @@ def test_overlay_colours_and_png(tmp_path):
     out = save_overlay_figure(img, lab, {3: "liver"}, {3: (221, 130, 101)}, tmp_path / "fig.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 1, 0, 1, 0, 0, 0, 0, -1)])
+def test_surfaces_lie_where_the_organ_is_in_the_patient(direction):
+    img, lab = _volume_with_left_anterior_cube(direction)
+    surfaces = organ_surfaces(lab, [3, 7])
+    assert list(surfaces) == [3], "only labels present are meshed"
+    verts, faces = surfaces[3]
+    assert faces.shape[1] == 3 and faces.max() < len(verts)
+    lps = sitk.DICOMOrient(lab, "LPS")
+    arr_spacing = lps.GetSpacing()
+    extent = np.array(lps.GetSize()) * np.array(arr_spacing)
+    centre = verts.mean(axis=0)
+    assert centre[0] > extent[0] / 2, "x must grow towards the patient's left"
+    assert centre[1] < extent[1] / 2, "the cube is anterior (small y)"
+    assert centre[2] > extent[2] / 2, "the cube is superior (large z)"
+    # a 5-voxel cube: its surface spans about 5 voxels in each LPS axis
+    span = verts.max(axis=0) - verts.min(axis=0)
+    assert np.allclose(span, 5 * np.array(arr_spacing), atol=1.01 * max(arr_spacing))
+
+
+def test_surface_png(tmp_path):
+    _, lab = _volume_with_left_anterior_cube((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    out = save_surface_figure(lab, {3: "liver"}, {3: (221, 130, 101)}, tmp_path / "organs_3d.png", title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["organs_3d.png"]

@@ -172,3 +172,31 @@ def test_dicom_series_in_dicom_seg_out(model_dir, tmp_path, capsys):
 
     ds = pydicom.dcmread(out)
     assert ds.Modality == "SEG" and len(ds.SegmentSequence) == len(sidecar["organs"])
+
+
+def test_demo_segments_the_sample_and_compares_with_its_labels(model_dir, volume, tmp_path, capsys, monkeypatch):
+    """``predict --demo`` (the quickstart's main command), with the download replaced by a small local sample."""
+    import masksam_core.sample_data as sample_data
+
+    ref = sitk.ReadImage(str(volume))
+    lab = np.zeros(sitk.GetArrayViewFromImage(ref).shape, np.uint8)
+    lab[1:5, 10:30, 10:30] = 5  # "liver" under the sample's own label numbering
+    lab_img = sitk.GetImageFromArray(lab)
+    lab_img.CopyInformation(ref)
+    labels_path = tmp_path / "sample_labels.nii.gz"
+    sitk.WriteImage(lab_img, str(labels_path))
+    monkeypatch.setattr(sample_data, "get_sample", lambda *a, **k: {
+        "ct": volume, "labels": labels_path, "label_names": {5: "liver", 6: "pancreas"}})
+    out = tmp_path / "demo" / "sample_organs.nii.gz"
+    code, stdout, err = _run(["--demo", "--model", str(model_dir), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "training subject" in stdout.lower() and "mean Dice (training subject)" in stdout
+    sidecar = json.loads((out.parent / "sample_organs.json").read_text())
+    dice = sidecar["dice_vs_reference_training_subject"]
+    assert set(dice) == {"liver"} and 0.0 <= dice["liver"] <= 1.0  # spleen is not in the reference; liver is
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        ["sample_organs.nii.gz", "sample_organs.json", "sample_organs.png", "sample_organs_3d.png"])
+    for png in ("sample_organs.png", "sample_organs_3d.png"):
+        assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pred = sitk.ReadImage(str(out))
+    assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetDirection(), ref.GetDirection())

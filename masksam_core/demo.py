@@ -33,7 +33,7 @@ def dice_by_name(pred: np.ndarray, pred_labels: Dict[int, str], ref: np.ndarray,
 def run_demo(args: argparse.Namespace) -> int:
     from . import load_model, segment
     from .data.volume_io import read_volume
-    from .evaluation.figure import save_overlay_figure
+    from .evaluation.figure import save_overlay_figure, save_surface_figure
     from .inference.engine import InferenceOptions, resolve_device
     from .predict import make_progress, resolve_model_dir, strip_volume_suffix, write_outputs
     from .sample_data import get_sample
@@ -58,10 +58,13 @@ def run_demo(args: argparse.Namespace) -> int:
     sidecar["dice_vs_reference_training_subject"] = dice
     write_outputs(labels, sidecar, out, "nii.gz", card, Path(sample["ct"]), overwrite=True)
     figure = out.with_name(strip_volume_suffix(out.name) + ".png")  # beside the labelmap and its sidecar
-    save_overlay_figure(image, labels, card.labels(), {int(c["value"]): tuple(c["color"]) for c in card.classes},
-                        figure, title=f"MaskSAM ({card.name}) on TotalSegmentator's example CT "
-                                      "(training subject)")
-    print(f"Segmented {sample['ct'].name} in {sidecar['runtime_s']:.1f} s -> {out} (picture: {figure})")
+    colours = {int(c["value"]): tuple(c["color"]) for c in card.classes}
+    title = f"MaskSAM ({card.name}) on TotalSegmentator's example CT (training subject)"
+    save_overlay_figure(image, labels, card.labels(), colours, figure, title=title)
+    figure_3d = figure.with_name(figure.stem + "_3d.png")
+    save_surface_figure(labels, card.labels(), colours, figure_3d, title=title)
+    print(f"Segmented {sample['ct'].name} in {sidecar['runtime_s']:.1f} s -> {out} "
+          f"(pictures: {figure}, {figure_3d})")
     print("Dice is against TotalSegmentator's labels of the TRAINING SUBJECT (not a generalisation measure).")
     print(f"{'organ':32s} {'volume (ml)':>12s} {'confidence':>11s} {'Dice (training subject)':>24s}")
     for name, organ in sidecar["organs"].items():

@@ -86,3 +86,75 @@ def save_overlay_figure(image: sitk.Image, labels: sitk.Image, names: Dict[int, 
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def organ_surfaces(labels: sitk.Image, values: Sequence[int], max_faces: int = 40000
+                   ) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+    """Triangle surfaces of the labelled organs in LPS millimetres, relative to the labelmap's LPS-ordered corner.
+
+    Returns {value: (vertices (V, 3) as (x, y, z) mm with x towards the patient's left, y posterior, z superior;
+    faces (F, 3) int)} for each value present. Large organs are meshed on a coarser grid (marching cubes step) so
+    that each stays under about ``max_faces`` triangles.
+    """
+    from skimage.measure import marching_cubes
+
+    lab = sitk.DICOMOrient(labels, "LPS")
+    arr = sitk.GetArrayViewFromImage(lab)
+    sx, sy, sz = lab.GetSpacing()
+    out = {}
+    for value in values:
+        mask = np.asarray(arr == value)
+        if not mask.any():
+            continue
+        zs, ys, xs = [np.nonzero(mask.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1))]
+        crop = np.pad(mask[zs[0]:zs[-1] + 1, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1], 1).astype(np.float32)
+        # surface ~ voxels^(2/3); marching cubes' step divides the face count by about step^2
+        step = max(1, int(np.ceil(np.sqrt(4.0 * mask.sum() ** (2.0 / 3.0) / max_faces))))
+        verts, faces, _, _ = marching_cubes(crop, 0.5, spacing=(sz, sy, sx), step_size=step)
+        offset = np.array([(zs[0] - 1) * sz, (ys[0] - 1) * sy, (xs[0] - 1) * sx])
+        out[int(value)] = ((verts + offset)[:, ::-1].copy(), faces)
+    return out
+
+
+def save_surface_figure(labels: sitk.Image, names: Dict[int, str], colours: Dict[int, Tuple[int, int, int]],
+                        path: Union[str, Path], title: str = "") -> Path:
+    """Write a PNG of the organs in 3D, seen from the front (anterior view: the patient's left on the picture's
+    right, superior up), shaded in each organ's colour, with a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    surfaces = organ_surfaces(labels, sorted(names))
+    fig = plt.figure(figsize=(6.0, 6.4))
+    ax = fig.add_subplot(projection="3d")
+    light = np.array([0.3, -1.0, 0.6])
+    light /= np.linalg.norm(light)
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for value, (verts, faces) in surfaces.items():
+        tri = verts[faces]  # (F, 3 corners, xyz)
+        normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+        shade = 0.35 + 0.65 * np.abs(normal @ light)
+        rgb = np.asarray(colours.get(value, (200, 200, 200)), np.float32) / 255.0
+        ax.add_collection3d(Poly3DCollection(tri, facecolors=np.clip(shade[:, None] * rgb, 0, 1), linewidths=0))
+        lo, hi = np.minimum(lo, verts.min(0)), np.maximum(hi, verts.max(0))
+    if surfaces:
+        for set_lim, a, b in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), lo, hi):
+            set_lim(a, b)
+        ax.set_box_aspect(tuple(np.maximum(hi - lo, 1.0)))
+    ax.view_init(elev=5, azim=-90)  # camera in front of the patient (-y), x (patient left) to the right
+    ax.set_axis_off()
+    handles = [Patch(color=np.asarray(colours[v]) / 255.0, label=names[v]) for v in surfaces if v in colours]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0, right=1, top=0.94 if title else 1, bottom=0.12 if handles else 0)
+    path = Path(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
