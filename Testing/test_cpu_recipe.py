@@ -54,10 +54,10 @@ def test_cached_features_equal_the_live_encoder(model, tmp_path):
     assert FeatureCache(tmp_path, "k2").folder != cache.folder
 
 
-@pytest.mark.skipif(__import__("masksam_core.inference.openvino_encoder", fromlist=["x"]).openvino_version() is None,
+@pytest.mark.skipif(__import__("masksam_core.inference.openvino_runtime", fromlist=["x"]).openvino_version() is None,
                     reason="openvino is not installed")
 def test_feature_cache_encoded_with_openvino_equals_torch(model, tmp_path):
-    from masksam_core.inference.openvino_encoder import make_encoder_runner
+    from masksam_core.inference.openvino_runtime import make_encoder_runner
 
     vol = _volume()
     lab = np.zeros(vol.shape, np.uint8)
@@ -139,13 +139,13 @@ def test_segment_takes_the_threshold_from_the_model_card(model):
 
 
 openvino_missing = pytest.mark.skipif(
-    __import__("masksam_core.inference.openvino_encoder", fromlist=["x"]).openvino_version() is None,
+    __import__("masksam_core.inference.openvino_runtime", fromlist=["x"]).openvino_version() is None,
     reason="openvino is not installed")
 
 
 @openvino_missing
-def test_openvino_encoder_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
-    from masksam_core.inference.openvino_encoder import OpenVINOEncoder
+def test_openvino_runtime_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
+    from masksam_core.inference.openvino_runtime import OpenVINOEncoder
 
     x = torch.randn(3, 3, model.input_size, model.input_size)
     with torch.inference_mode():
@@ -174,21 +174,61 @@ def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, m
     runs = {}
     for runtime in ("torch", "openvino"):
         engine = SlabEngine(model, InferenceOptions(precision="fp32", runtime=runtime))
-        assert engine.runtime == runtime
+        assert engine.runtime == runtime and engine.decoder_runtime == runtime
         runs[runtime] = engine.run(vol, 0.0)
     assert np.abs(runs["torch"] - runs["openvino"]).max() < 1e-3
     assert (runs["torch"].argmax(0) == runs["openvino"].argmax(0)).mean() > 0.999
 
 
+@openvino_missing
+def test_openvino_decoder_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
+    from masksam_core.inference.openvino_runtime import OpenVINODecoder
+
+    d, e = model.slab_depth, model.decoder.base.transformer_dim
+    h, w = model.embed_grid
+    gen = torch.Generator().manual_seed(1)
+    p = 3 * d  # three (slab, query) groups
+    inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
+              torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, generator=gen))
+    with torch.inference_mode():
+        ref = model.decoder(*inputs)
+    ov_decoder = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=1, cache_root=tmp_path)
+    got = ov_decoder(*inputs)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and float((g - r).abs().max()) <= 1e-4 * float(r.abs().max()) + 1e-5
+    # groups are independent: decoding the middle group alone gives its rows of the batch
+    alone = ov_decoder(*[x[d:2 * d] for x in inputs])
+    assert all(torch.allclose(a, g[d:2 * d], atol=1e-5) for a, g in zip(alone, got))
+    with pytest.raises(ValueError, match="whole groups"):
+        ov_decoder(*[x[:d + 1] for x in inputs])
+    entries = [q.name for q in tmp_path.iterdir()]
+    assert len(entries) == 1 and entries[0].startswith("decoder-")
+
+    def no_conversion(*_a, **_k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(OpenVINODecoder, "_convert", no_conversion)
+    OpenVINODecoder(model.decoder, d, model.embed_grid, threads=1, cache_root=tmp_path)
+    # other trained weights (another model folder) -> another conversion, never a stale decoder
+    other = MaskSAM(tiny_tinyvit_backbone(), model.config).eval()
+    with pytest.raises(AssertionError, match="converted again"):
+        OpenVINODecoder(other.decoder, d, other.embed_grid, threads=1, cache_root=tmp_path)
+
+
 def test_runtime_choice(model, monkeypatch):
-    from masksam_core.inference import openvino_encoder
-    from masksam_core.inference.openvino_encoder import make_encoder_runner
+    from masksam_core.inference import openvino_runtime
+    from masksam_core.inference.openvino_runtime import make_decoder_runner, make_encoder_runner
 
     cpu = torch.device("cpu")
     assert make_encoder_runner(model, "torch", 1, False, cpu) == (model.encoder, "torch")
+    assert make_decoder_runner(model, "torch", 1, False, cpu) == (model.decoder, "torch")
+    assert make_decoder_runner(model, "auto", 1, False, torch.device("cuda"))[1] == "torch"  # GPU: torch
     with pytest.raises(ValueError, match="runtime must be"):
         make_encoder_runner(model, "onnx", 1, False, cpu)
-    monkeypatch.setattr(openvino_encoder, "openvino_version", lambda: None)
+    monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
     assert make_encoder_runner(model, "auto", 1, False, cpu)[1] == "torch"  # not installed: torch, silently
+    assert make_decoder_runner(model, "auto", 1, False, cpu)[1] == "torch"
+    with pytest.raises(ValueError, match="needs the CPU and the openvino package"):
+        make_decoder_runner(model, "openvino", 1, False, cpu)
     with pytest.raises(ValueError, match="needs the openvino package"):
         make_encoder_runner(model, "openvino", 1, False, cpu)

@@ -9,7 +9,7 @@ depth embedding, decoder adapters, the global classifier token, the class head a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -198,7 +198,8 @@ class MaskSAM(nn.Module):
         return self.forward_features(self.encode(stem_out), stem_out, decode)
 
     def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
-                         decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                         decode: Optional[torch.Tensor] = None,
+                         decoder: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
         """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S).
 
         ``decode``: (G, N) bool choosing the (slab, query) pairs to decode, ``None`` for all, a callable that
@@ -208,6 +209,9 @@ class MaskSAM(nn.Module):
         latter is lossless for semantic fusion only approximately: a query with an empty auxiliary mask still
         gets a box prompt and could produce a mask; it is skipped as "nothing there" (measured in
         ``benchmarks/bench_predict.py``).
+
+        ``decoder``: what runs :attr:`decoder`'s computation (same arguments and outputs), e.g. the engine's
+        OpenVINO runner at CPU inference; None for the module itself.
         """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
@@ -247,7 +251,8 @@ class MaskSAM(nn.Module):
             tokens = pg["tokens"].view(g, d, n, -1)[item_g, item_d, item_q]
             emb = features[0][slice_idx]
             chunk = n_sel * d if torch.is_grad_enabled() else self.decode_chunk(d)
-            parts = [self.decoder(emb[i:i + chunk], pe[i:i + chunk].to(emb.dtype), sparse[i:i + chunk].to(emb.dtype),
+            run_decoder = decoder or self.decoder
+            parts = [run_decoder(emb[i:i + chunk], pe[i:i + chunk].to(emb.dtype), sparse[i:i + chunk].to(emb.dtype),
                                   dense[i:i + chunk].to(emb.dtype), tokens[i:i + chunk])
                      for i in range(0, n_sel * d, chunk)]
             m = torch.cat([p[0] for p in parts])

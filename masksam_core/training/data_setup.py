@@ -23,7 +23,7 @@ from ..data.cache import PreparedCase, build_cache
 from ..data.dataset import check_dataset, discover_dataset, select_classes
 from ..data.intensity import normalize_intensity
 from ..errors import InputError, MaskSAMError
-from ..inference.openvino_encoder import make_encoder_runner, resolve_runtime
+from ..inference.openvino_runtime import make_encoder_runner, resolve_runtime
 from ..model.masksam import MaskSAM
 from .config import TrainConfig
 from .feature_cache import FeatureCache, canvas, cache_key

@@ -82,7 +82,7 @@ def encode_volume(model: MaskSAM, image: np.ndarray, amp: Optional[torch.dtype],
     """Encoder features of every slice of ``image`` (Z, S, S) -> [(Z, C_k, h_k, w_k) fp16].
 
     ``encoder``: what runs the encoder on (B, 3, S, S) (default ``model.encoder``; an OpenVINO runner, see
-    ``inference/openvino_encoder.py``)."""
+    ``inference/openvino_runtime.py``)."""
     encoder = encoder or model.encoder
     outs: List[List[np.ndarray]] = []
     for z0 in range(0, image.shape[0], ENCODE_BATCH):

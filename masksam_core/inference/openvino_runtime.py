@@ -1,0 +1,246 @@
+"""OpenVINO runtime for the frozen parts of MaskSAM at CPU inference: the per-slice image encoder and SAM's decoder.
+
+The CPU recipe's encoder is LiteMedSAM's pretrained TinyViT, untouched by training (75 GFLOP per slice), and SAM's
+two-way decoder (about 3.5 GFLOP per decoded query and slice) is the other large cost. PyTorch runs them op by op;
+OpenVINO compiles each whole graph for the CPU (fused convolutions, attention and normalisations). Measured on 2
+cores of an AVX2 EPYC without bf16: ``benchmarks/bench_encoder.py`` and ``benchmarks/bench_predict.py``.
+
+Each converted model (OpenVINO IR, fp32 weights, static shapes) is written once into the user cache folder
+(``$MASKSAM_CACHE`` or ``~/.cache/masksam``), keyed by a hash of the module's weights, its input shapes and the
+OpenVINO version; a kill during conversion leaves no half-written entry. OpenVINO also keeps its compiled kernels
+there, so later runs start in a few seconds. The encoder's IR takes one slice (TinyViT's ``B = len(x)`` is frozen
+by tracing); the decoder's IR one group of D items (the D slices of one slab and query, which its depth adapters
+mix); both run their batch piece by piece.
+
+Precision follows the engine: fp32 unless the engine runs bf16 autocast (a CPU with native bf16), in which case
+OpenVINO's bf16 inference hint is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+RUNTIMES = ("auto", "torch", "openvino")
+
+
+def openvino_version() -> Optional[str]:
+    """The installed OpenVINO's version, or None when it cannot be imported."""
+    try:
+        import openvino
+    except Exception:  # not installed, or a broken install: the engine falls back to torch
+        return None
+    return str(getattr(openvino, "__version__", "unknown"))
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and values of ``module``'s parameters and buffers (16 hex digits)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def default_cache_root() -> Path:
+    from ..sample_data import cache_root
+
+    return cache_root() / "openvino"
+
+
+class OpenVINOModel:
+    """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
+
+    The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>"``; OpenVINO's compiled kernels in
+    its ``compiled`` subfolder. Subclasses give the example inputs and call the compiled model.
+    """
+
+    kind = "model"
+
+    def __init__(self, module: nn.Module, example_inputs: Tuple[torch.Tensor, ...], shape_key: str, threads: int,
+                 bf16: bool = False, cache_root: Optional[Path] = None) -> None:
+        import openvino as ov
+
+        root = Path(cache_root) if cache_root is not None else default_cache_root()
+        version = re.sub(r"[^0-9A-Za-z.]+", "_", openvino_version() or "none")
+        self.folder = root / f"{self.kind}-{weights_hash(module)}-{shape_key}-ov{version}"
+        xml = self.folder / f"{self.kind}.xml"
+        if not xml.exists():
+            self._convert(module, example_inputs, root)
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "CACHE_DIR": str(self.folder / "compiled")}
+        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.num_outputs = len(self.compiled.outputs)
+
+    def _convert(self, module: nn.Module, example_inputs: Tuple[torch.Tensor, ...], root: Path) -> None:
+        import openvino as ov
+
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"converting the {self.kind} for OpenVINO (once; kept in {root})", file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=root))
+        try:
+            was_training = module.training
+            module.eval()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about shapes frozen by tracing, handled here
+                example = example_inputs[0] if len(example_inputs) == 1 else tuple(example_inputs)
+                converted = ov.convert_model(module, example_input=example,
+                                             input=[ov.PartialShape(list(x.shape)) for x in example_inputs])
+            module.train(was_training)
+            ov.save_model(converted, str(tmp / f"{self.kind}.xml"), compress_to_fp16=False)
+            try:
+                os.replace(tmp, self.folder)
+            except OSError:  # another process converted it meanwhile: keep theirs
+                if not (self.folder / f"{self.kind}.xml").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _infer(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """One call of the compiled model on inputs of exactly the converted shapes; outputs copied out."""
+        self.request.infer({k: a for k, a in enumerate(arrays)})
+        return [self.request.get_output_tensor(k).data.copy() for k in range(self.num_outputs)]
+
+
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().contiguous().numpy()
+
+
+class OpenVINOEncoder(OpenVINOModel):
+    """Callable like the torch encoder: (B, 3, S, S) float -> list of feature maps (B, C_k, h_k, w_k), float32.
+
+    The IR takes one slice (TinyViT's ``B = len(x)`` is frozen by tracing); slices run one after another.
+
+    Args:
+        encoder: the torch encoder (frozen, per-slice: no adapters, no depth embedding).
+        input_size: S.
+        threads: CPU threads for OpenVINO.
+        bf16: use OpenVINO's bf16 inference precision (only where the CPU has native bf16).
+        cache_root: folder for the converted models (default: the user cache).
+    """
+
+    kind = "encoder"
+
+    def __init__(self, encoder: nn.Module, input_size: int, threads: int, bf16: bool = False,
+                 cache_root: Optional[Path] = None) -> None:
+        super().__init__(encoder, (torch.zeros(1, 3, input_size, input_size),), str(input_size), threads, bf16,
+                         cache_root)
+
+    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x (B, 3, S, S) -> features as the torch encoder returns them (float32, on the CPU), slice by slice."""
+        data = _as_numpy(x)
+        per_slice = [self._infer([data[b:b + 1]]) for b in range(data.shape[0])]
+        return [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
+
+
+class OpenVINODecoder(OpenVINOModel):
+    """Callable like :class:`~masksam_core.model.decoder.ClassifierTokenDecoder` on P = G·D items (G groups of
+    the D slices of one (slab, query) pair): the IR takes one group of D items (its depth adapters mix exactly
+    those), and groups run one after another.
+
+    Its weights hash covers the trained parts (adapters, classifier token, class head), so each model folder gets
+    its own converted decoder.
+    """
+
+    kind = "decoder"
+
+    def __init__(self, decoder: nn.Module, depth: int, embed_grid: Tuple[int, int], threads: int,
+                 bf16: bool = False, cache_root: Optional[Path] = None) -> None:
+        e = decoder.base.transformer_dim
+        h, w = embed_grid
+        example = (torch.zeros(depth, e, h, w), torch.zeros(depth, e, h, w), torch.zeros(depth, 2, e),
+                   torch.zeros(depth, e, h, w), torch.zeros(depth, e))
+        self.depth = depth
+        super().__init__(decoder, example, f"d{depth}-{h}x{w}", threads, bf16, cache_root)
+
+    def __call__(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor, aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(P, E, h, w), (P, E, h, w), (P, 2, E), (P, E, h, w), (P, E) -> mask logits (P, 1, 4h, 4w) and class
+        logits (P, C + 1), float32, P a multiple of D."""
+        inputs = [_as_numpy(t) for t in (image_embeddings, image_pe, sparse, dense, aux_tokens)]
+        p, d = inputs[0].shape[0], self.depth
+        if p % d:
+            raise ValueError(f"{p} decoder items are not whole groups of the slab depth {d}")
+        groups = [self._infer([a[i:i + d] for a in inputs]) for i in range(0, p, d)]
+        return tuple(torch.from_numpy(np.concatenate([g[k] for g in groups])) for k in range(2))
+
+
+def resolve_runtime(model, runtime: str, device: torch.device) -> str:
+    """The runtime ``make_encoder_runner`` will try for ``runtime`` ("auto" resolved), without converting anything."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    usable = _convertible(model, device) and openvino_version() is not None
+    return "openvino" if usable else "torch"
+
+
+def _convertible(model, device: torch.device) -> bool:
+    """A per-slice torch encoder on the CPU (the CPU recipe): what OpenVINO can take over."""
+    return device.type == "cpu" and model.encoder_is_per_slice and isinstance(model.encoder, nn.Module)
+
+
+def _build_or_fall_back(build: Callable[[], OpenVINOModel], runtime: str, what: str):
+    """``build()``, or None (with a warning) when it fails and ``runtime`` is "auto"; a ValueError otherwise."""
+    try:
+        return build()
+    except Exception as exc:  # conversion or compilation failed
+        if runtime == "openvino":
+            raise ValueError(f"the OpenVINO runtime failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+                from None
+        warnings.warn(f"OpenVINO could not run the {what} ({type(exc).__name__}); using torch", RuntimeWarning)
+        return None
+
+
+def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: torch.device,
+                        cache_root: Optional[Path] = None):
+    """The callable that encodes slices for the engine: ``model.encoder`` itself, or an :class:`OpenVINOEncoder`.
+
+    ``runtime``: "torch"; "openvino" (an error when it cannot be used); "auto" (OpenVINO on the CPU for a per-slice
+    encoder when it is installed, torch otherwise). Returns (runner, name of the runtime used).
+    """
+    if resolve_runtime(model, runtime, device) == "torch":
+        return model.encoder, "torch"
+    if not _convertible(model, device):
+        raise ValueError("the OpenVINO runtime needs the CPU and a per-slice encoder (a CPU-recipe model)")
+    if openvino_version() is None:
+        raise ValueError("the OpenVINO runtime needs the openvino package (pip install openvino)")
+    runner = _build_or_fall_back(
+        lambda: OpenVINOEncoder(model.encoder, model.input_size, threads, bf16=bf16, cache_root=cache_root),
+        runtime, "encoder")
+    return (model.encoder, "torch") if runner is None else (runner, "openvino")
+
+
+def make_decoder_runner(model, runtime: str, threads: int, bf16: bool, device: torch.device,
+                        cache_root: Optional[Path] = None):
+    """The callable that runs SAM's decoder for the engine: ``model.decoder`` or an :class:`OpenVINODecoder`.
+
+    The decoder is frozen SAM plus trained adapters, identical at inference for every recipe, so OpenVINO takes it
+    over on the CPU whatever the encoder: "auto" uses OpenVINO on the CPU when it is installed; "openvino" is an
+    error where it cannot be used. Returns (runner, name of the runtime used).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    decoder = getattr(model, "decoder", None)
+    usable = device.type == "cpu" and isinstance(decoder, nn.Module) and openvino_version() is not None
+    if runtime == "torch" or (runtime == "auto" and not usable):
+        return decoder, "torch"
+    if not usable:
+        raise ValueError("the OpenVINO runtime needs the CPU and the openvino package (pip install openvino)")
+    runner = _build_or_fall_back(
+        lambda: OpenVINODecoder(model.decoder, model.slab_depth, model.embed_grid, threads, bf16=bf16,
+                                cache_root=cache_root), runtime, "decoder")
+    return (model.decoder, "torch") if runner is None else (runner, "openvino")
