@@ -139,6 +139,32 @@ def test_decoding_a_subset_matches_decoding_everything():
     assert (part["pred_logits"][~sel].argmax(-1) == 4).all()  # undecoded -> no object
 
 
+def test_decoding_in_chunks_matches_one_call(monkeypatch):
+    """Inference decodes in chunks of whole (slab, query) groups, gathering each chunk's inputs on its own."""
+    torch.manual_seed(0)
+    model = MaskSAM(tiny_vit_backbone(64), _config("vit", "cpu", depth=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # non-trivial adapters, so that the grouping of slices matters
+                p.add_(torch.randn_like(p) * 0.05)
+    slab = torch.randn(2, 1, 4, 64, 64)
+    calls = []
+    decoder = model.decoder
+
+    def counting_decoder(*args):
+        calls.append(args[0].shape[0])
+        return decoder(*args)
+
+    with torch.no_grad():
+        whole = model(slab)  # 2 slabs x 5 queries x 4 slices = 40 items, in 2 chunks of 32 and 8
+        monkeypatch.setattr(MaskSAM, "decode_chunk", lambda self, depth: depth)
+        stem = model.apply_stem(slab)
+        chunked = model.forward_features(model.encode(stem), stem, decoder=counting_decoder)
+    assert calls == [4] * 10
+    for key in ("pred_masks", "pred_logits"):
+        assert torch.allclose(whole[key], chunked[key], atol=1e-5), key
+
+
 def test_slab_depth_must_match_the_card():
     model = MaskSAM(tiny_vit_backbone(64), _config("vit", "cpu", depth=4))
     with pytest.raises(ModelError, match="slab depth 3 differs"):

@@ -244,17 +244,18 @@ class MaskSAM(nn.Module):
             item_g = sel_g.repeat_interleave(d)
             item_q = sel_q.repeat_interleave(d)
             item_d = torch.arange(d, device=aux.device).repeat(n_sel)
-            slice_idx = item_g * d + item_d
-            sparse, dense = encode_prompts(self.prompt_encoder, boxes[item_g, item_d, item_q],
-                                           masks[item_g, item_d, item_q], self.input_size)
-            pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, item_d)
-            tokens = pg["tokens"].view(g, d, n, -1)[item_g, item_d, item_q]
-            emb = features[0][slice_idx]
+            all_tokens = pg["tokens"].view(g, d, n, -1)
             chunk = n_sel * d if torch.is_grad_enabled() else self.decode_chunk(d)
             run_decoder = decoder or self.decoder
-            parts = [run_decoder(emb[i:i + chunk], pe[i:i + chunk].to(emb.dtype), sparse[i:i + chunk].to(emb.dtype),
-                                  dense[i:i + chunk].to(emb.dtype), tokens[i:i + chunk])
-                     for i in range(0, n_sel * d, chunk)]
+            parts = []
+            for i in range(0, n_sel * d, chunk):  # inputs gathered per chunk: memory bounded by the chunk
+                cg, cd, cq = item_g[i:i + chunk], item_d[i:i + chunk], item_q[i:i + chunk]
+                sparse, dense = encode_prompts(self.prompt_encoder, boxes[cg, cd, cq], masks[cg, cd, cq],
+                                               self.input_size)
+                emb = features[0][cg * d + cd]
+                pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, cd)
+                parts.append(run_decoder(emb, pe.to(emb.dtype), sparse.to(emb.dtype), dense.to(emb.dtype),
+                                         all_tokens[cg, cd, cq]))
             m = torch.cat([p[0] for p in parts])
             logits = torch.cat([p[1] for p in parts])
             pred_masks = pred_masks.index_put((item_g, item_q, item_d), m[:, 0].to(dtype))
