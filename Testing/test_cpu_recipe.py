@@ -174,7 +174,7 @@ def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, m
     runs = {}
     for runtime in ("torch", "openvino"):
         engine = SlabEngine(model, InferenceOptions(precision="fp32", runtime=runtime))
-        assert engine.runtime == runtime and engine.decoder_runtime == runtime
+        assert engine.runtime == engine.decoder_runtime == engine.prompt_generator_runtime == runtime
         runs[runtime] = engine.run(vol, 0.0)
     assert np.abs(runs["torch"] - runs["openvino"]).max() < 1e-3
     assert (runs["torch"].argmax(0) == runs["openvino"].argmax(0)).mean() > 0.999
@@ -215,20 +215,41 @@ def test_openvino_decoder_matches_torch_and_is_converted_once(model, tmp_path, m
         OpenVINODecoder(other.decoder, d, other.embed_grid, threads=1, cache_root=tmp_path)
 
 
+@openvino_missing
+def test_openvino_prompt_generator_matches_torch(model, tmp_path):
+    from masksam_core.inference.openvino_runtime import make_part_runner
+
+    runner, name = make_part_runner(model, "prompt_generator", "openvino", 1, False, torch.device("cpu"),
+                                    cache_root=tmp_path)
+    assert name == "openvino"
+    slabs = torch.from_numpy(np.stack([_volume(z=2, seed=k) for k in range(3)]))[:, None]  # (G=3, 1, D, S, S)
+    with torch.inference_mode():
+        stem = model.apply_stem(slabs)
+        features = model.encode(stem)
+        ref = model.prompt_generator(list(features), stem)
+    got = runner(features, stem)
+    assert set(got) == set(ref)
+    for key in ref:
+        assert got[key].shape == ref[key].shape, key
+        assert float((got[key] - ref[key]).abs().max()) <= 1e-4 * float(ref[key].abs().max()) + 1e-5, key
+    assert [q.name.split("-")[0] for q in tmp_path.iterdir()] == ["prompt_generator"]
+
+
 def test_runtime_choice(model, monkeypatch):
     from masksam_core.inference import openvino_runtime
-    from masksam_core.inference.openvino_runtime import make_decoder_runner, make_encoder_runner
+    from masksam_core.inference.openvino_runtime import make_encoder_runner, make_part_runner
 
     cpu = torch.device("cpu")
     assert make_encoder_runner(model, "torch", 1, False, cpu) == (model.encoder, "torch")
-    assert make_decoder_runner(model, "torch", 1, False, cpu) == (model.decoder, "torch")
-    assert make_decoder_runner(model, "auto", 1, False, torch.device("cuda"))[1] == "torch"  # GPU: torch
+    for part in ("decoder", "prompt_generator"):
+        assert make_part_runner(model, part, "torch", 1, False, cpu) == (getattr(model, part), "torch")
+        assert make_part_runner(model, part, "auto", 1, False, torch.device("cuda"))[1] == "torch"  # GPU: torch
     with pytest.raises(ValueError, match="runtime must be"):
         make_encoder_runner(model, "onnx", 1, False, cpu)
     monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
     assert make_encoder_runner(model, "auto", 1, False, cpu)[1] == "torch"  # not installed: torch, silently
-    assert make_decoder_runner(model, "auto", 1, False, cpu)[1] == "torch"
+    assert make_part_runner(model, "decoder", "auto", 1, False, cpu)[1] == "torch"
     with pytest.raises(ValueError, match="needs the CPU and the openvino package"):
-        make_decoder_runner(model, "openvino", 1, False, cpu)
+        make_part_runner(model, "prompt_generator", "openvino", 1, False, cpu)
     with pytest.raises(ValueError, match="needs the openvino package"):
         make_encoder_runner(model, "openvino", 1, False, cpu)

@@ -149,13 +149,15 @@ class SlabEngine:
         self.amp = autocast_dtype(self.device, options.precision)
         self.encode_slices, self.runtime = model.encoder, "torch"
         self.stats = {"slabs": 0, "encoded_slices": 0, "decoded_queries": 0}  # filled by run()
-        from .openvino_runtime import make_decoder_runner, make_encoder_runner
+        from .openvino_runtime import make_encoder_runner, make_part_runner
 
         threads, bf16 = torch.get_num_threads(), self.amp is not None
         if model.encoder_is_per_slice:
             self.encode_slices, self.runtime = make_encoder_runner(model, options.runtime, threads, bf16, self.device)
-        self.decode_items, self.decoder_runtime = make_decoder_runner(model, options.runtime, threads, bf16,
-                                                                      self.device)
+        self.generate_prompts, self.prompt_generator_runtime = make_part_runner(
+            model, "prompt_generator", options.runtime, threads, bf16, self.device)
+        self.decode_items, self.decoder_runtime = make_part_runner(model, "decoder", options.runtime, threads, bf16,
+                                                                   self.device)
 
     def _features_for(self, tile_key: int, z_indices: List[int], slab: torch.Tensor, stem_out: torch.Tensor,
                       cache: Optional[_FeatureCache]) -> List[torch.Tensor]:
@@ -208,7 +210,8 @@ class SlabEngine:
                                                             enabled=self.amp is not None):
                     stem_out = model.apply_stem(x)
                     feats = self._features_for(t, [z if z < nz else -1 - z for z in z_idx], x, stem_out, cache)
-                    out = model.forward_features(feats, stem_out, decode=decode, decoder=self.decode_items)
+                    out = model.forward_features(feats, stem_out, decode=decode, decoder=self.decode_items,
+                                                 prompt_generator=self.generate_prompts)
                     self.stats["slabs"] += 1
                     self.stats["decoded_queries"] += int(out["decoded"][::d].sum())  # (slab, query) pairs
                     sem = semantic_probabilities(out, size=(s, s),
@@ -290,6 +293,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     sidecar = _sidecar(out, labels_box, conf_box, card, options, time.perf_counter() - start)
     sidecar["encoder_runtime"] = engine.runtime
     sidecar["decoder_runtime"] = engine.decoder_runtime
+    sidecar["prompt_generator_runtime"] = engine.prompt_generator_runtime
     sidecar["engine_stats"] = {**engine.stats, "queries": model.config.num_queries}
     if progress:
         progress("postprocess", 1, 1)

@@ -1,7 +1,8 @@
-"""OpenVINO runtime for the frozen parts of MaskSAM at CPU inference: the per-slice image encoder and SAM's decoder.
+"""OpenVINO runtime for MaskSAM at CPU inference: the per-slice image encoder, the prompt generator and SAM's decoder.
 
-The CPU recipe's encoder is LiteMedSAM's pretrained TinyViT, untouched by training (75 GFLOP per slice), and SAM's
-two-way decoder (about 3.5 GFLOP per decoded query and slice) is the other large cost. PyTorch runs them op by op;
+The CPU recipe's encoder is LiteMedSAM's pretrained TinyViT, untouched by training (75 GFLOP per slice); SAM's
+two-way decoder (about 3.5 GFLOP per decoded query and slice) and the prompt generator's 3D convolutions are the
+other large costs. PyTorch runs them op by op;
 OpenVINO compiles each whole graph for the CPU (fused convolutions, attention and normalisations). Measured on 2
 cores of an AVX2 EPYC without bf16: ``benchmarks/bench_encoder.py`` and ``benchmarks/bench_predict.py``.
 
@@ -9,8 +10,9 @@ Each converted model (OpenVINO IR, fp32 weights, static shapes) is written once 
 (``$MASKSAM_CACHE`` or ``~/.cache/masksam``), keyed by a hash of the module's weights, its input shapes and the
 OpenVINO version; a kill during conversion leaves no half-written entry. OpenVINO also keeps its compiled kernels
 there, so later runs start in a few seconds. The encoder's IR takes one slice (TinyViT's ``B = len(x)`` is frozen
-by tracing); the decoder's IR one group of D items (the D slices of one slab and query, which its depth adapters
-mix); both run their batch piece by piece.
+by tracing), the prompt generator's one slab, the decoder's one group of D items (the D slices of one slab and
+query, which its depth adapters mix); each runs its batch piece by piece. The trained parts are keyed by their
+weights, so every model folder gets its own conversions.
 
 Precision follows the engine: fp32 unless the engine runs bf16 autocast (a CPU with native bf16), in which case
 OpenVINO's bf16 inference hint is used.
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -178,6 +180,49 @@ class OpenVINODecoder(OpenVINOModel):
         return tuple(torch.from_numpy(np.concatenate([g[k] for g in groups])) for k in range(2))
 
 
+class _PromptGeneratorGraph(nn.Module):
+    """The prompt generator with tensor-only inputs and outputs, as OpenVINO's converter wants them."""
+
+    def __init__(self, prompt_generator: nn.Module) -> None:
+        super().__init__()
+        self.prompt_generator = prompt_generator
+
+    def forward(self, *inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.prompt_generator(list(inputs[:-1]), inputs[-1])
+        return out["aux_mask_logits"], out["box_head"], out["tokens"]
+
+
+class OpenVINOPromptGenerator(OpenVINOModel):
+    """Callable like :class:`~masksam_core.model.prompt_generator.PromptGenerator` on G slabs: the IR takes one
+    slab (its features (D, C_k, h_k, w_k) and stem output (1, 3, D, S, S)); slabs run one after another.
+
+    Args:
+        prompt_generator: the trained module (its weights hash keys the conversion).
+        feature_shapes: (C_k, h_k, w_k) of each encoder feature, neck first.
+        depth, input_size: D and S.
+    """
+
+    kind = "prompt_generator"
+
+    def __init__(self, prompt_generator: nn.Module, feature_shapes: Sequence[Tuple[int, int, int]], depth: int,
+                 input_size: int, threads: int, bf16: bool = False, cache_root: Optional[Path] = None) -> None:
+        example = tuple(torch.zeros(depth, *shape) for shape in feature_shapes) + \
+            (torch.zeros(1, 3, depth, input_size, input_size),)
+        self.depth = depth
+        super().__init__(_PromptGeneratorGraph(prompt_generator), example, f"d{depth}-s{input_size}", threads, bf16,
+                         cache_root)
+
+    def __call__(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """features: (G·D, C_k, h_k, w_k) each; image: (G, 3, D, S, S) -> ``aux_mask_logits`` (G·D, N, S, S),
+        ``box_head`` (G·D, N, 4), ``tokens`` (G·D, N, E), float32."""
+        arrays = [_as_numpy(f) for f in features]
+        img = _as_numpy(image)
+        d = self.depth
+        slabs = [self._infer([a[g * d:(g + 1) * d] for a in arrays] + [img[g:g + 1]]) for g in range(img.shape[0])]
+        names = ("aux_mask_logits", "box_head", "tokens")
+        return {name: torch.from_numpy(np.concatenate([o[k] for o in slabs])) for k, name in enumerate(names)}
+
+
 def resolve_runtime(model, runtime: str, device: torch.device) -> str:
     """The runtime ``make_encoder_runner`` will try for ``runtime`` ("auto" resolved), without converting anything."""
     if runtime not in RUNTIMES:
@@ -224,23 +269,34 @@ def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: t
     return (model.encoder, "torch") if runner is None else (runner, "openvino")
 
 
-def make_decoder_runner(model, runtime: str, threads: int, bf16: bool, device: torch.device,
-                        cache_root: Optional[Path] = None):
-    """The callable that runs SAM's decoder for the engine: ``model.decoder`` or an :class:`OpenVINODecoder`.
+def make_part_runner(model, part: str, runtime: str, threads: int, bf16: bool, device: torch.device,
+                     cache_root: Optional[Path] = None):
+    """The callable that runs ``model.<part>`` ("decoder" or "prompt_generator") for the engine: the module itself
+    or its OpenVINO conversion.
 
-    The decoder is frozen SAM plus trained adapters, identical at inference for every recipe, so OpenVINO takes it
-    over on the CPU whatever the encoder: "auto" uses OpenVINO on the CPU when it is installed; "openvino" is an
-    error where it cannot be used. Returns (runner, name of the runtime used).
+    Both parts hold trained weights but run at inference exactly as trained, whatever the recipe, so OpenVINO takes
+    them over on the CPU whatever the encoder: "auto" uses OpenVINO on the CPU when it is installed; "openvino" is
+    an error where it cannot be used. Returns (runner, name of the runtime used).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    decoder = getattr(model, "decoder", None)
-    usable = device.type == "cpu" and isinstance(decoder, nn.Module) and openvino_version() is not None
+    module = getattr(model, part, None)
+    usable = device.type == "cpu" and isinstance(module, nn.Module) and openvino_version() is not None
     if runtime == "torch" or (runtime == "auto" and not usable):
-        return decoder, "torch"
+        return module, "torch"
     if not usable:
         raise ValueError("the OpenVINO runtime needs the CPU and the openvino package (pip install openvino)")
-    runner = _build_or_fall_back(
-        lambda: OpenVINODecoder(model.decoder, model.slab_depth, model.embed_grid, threads, bf16=bf16,
-                                cache_root=cache_root), runtime, "decoder")
-    return (model.decoder, "torch") if runner is None else (runner, "openvino")
+    d, s = model.slab_depth, model.input_size
+    if part == "decoder":
+        def build():
+            return OpenVINODecoder(module, d, model.embed_grid, threads, bf16=bf16, cache_root=cache_root)
+    elif part == "prompt_generator":
+        shapes = [(c, s // stride, s // stride)
+                  for c, stride in zip(model.encoder.feature_channels, model.encoder.feature_strides)]
+
+        def build():
+            return OpenVINOPromptGenerator(module, shapes, d, s, threads, bf16=bf16, cache_root=cache_root)
+    else:
+        raise ValueError(f"no OpenVINO runner for {part!r}")
+    runner = _build_or_fall_back(build, runtime, part.replace("_", " "))
+    return (module, "torch") if runner is None else (runner, "openvino")

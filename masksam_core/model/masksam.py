@@ -198,8 +198,8 @@ class MaskSAM(nn.Module):
         return self.forward_features(self.encode(stem_out), stem_out, decode)
 
     def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
-                         decode: Optional[torch.Tensor] = None,
-                         decoder: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+                         decode: Optional[torch.Tensor] = None, decoder: Optional[Callable] = None,
+                         prompt_generator: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
         """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S).
 
         ``decode``: (G, N) bool choosing the (slab, query) pairs to decode, ``None`` for all, a callable that
@@ -210,12 +210,12 @@ class MaskSAM(nn.Module):
         gets a box prompt and could produce a mask; it is skipped as "nothing there" (measured in
         ``benchmarks/bench_predict.py``).
 
-        ``decoder``: what runs :attr:`decoder`'s computation (same arguments and outputs), e.g. the engine's
-        OpenVINO runner at CPU inference; None for the module itself.
+        ``decoder``, ``prompt_generator``: what runs :attr:`decoder`'s or :attr:`prompt_generator`'s computation
+        (same arguments and outputs), e.g. the engine's OpenVINO runners at CPU inference; None for the modules.
         """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
-        pg = self.prompt_generator(list(features), stem_out)
+        pg = (prompt_generator or self.prompt_generator)(list(features), stem_out)
         aux = pg["aux_mask_logits"]
         boxes, masks = binarize_and_box_prompts(aux.reshape(g * d * n, s, s), pg["box_head"].reshape(-1, 4))
         boxes = boxes.view(g, d, n, 4)
