@@ -294,7 +294,7 @@ def run_training(cfg: TrainConfig) -> Dict:
                     mean = float(np.mean(list(named.values()))) if named else None
                     log.write({"step": trainer.step, "epoch": epoch, "val_dice_mean": mean,
                                **{f"val_dice_{k}": v for k, v in named.items()}})
-                    progress.event("validation", step=trainer.step, dice_mean=mean if mean is not None else float("nan"))
+                    progress.event("validation", step=trainer.step, dice_mean=mean)  # null: nothing scored
                     extra = {"steps_done": trainer.step, "training_time_s": round(time.time() - start, 1)}
                     improved = mean is None or mean > best["dice_mean"]
                     if improved:
