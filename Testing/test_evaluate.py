@@ -63,6 +63,30 @@ def test_cli_matches_organs_by_name_and_writes_reports(tmp_path, capsys):
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 
+def test_one_label_map_names_the_reference_and_never_overrides_the_predictions_sidecar(tmp_path, capsys):
+    """predict's output numbers organs 1..C; a reference map (e.g. TotalSegmentator's 117 labels) numbers them
+    otherwise. Given as one --labels map, it must not be read as the prediction's numbering."""
+    pred = np.zeros((20, 30, 30), np.uint8)
+    pred[_cube()] = 1  # liver in the prediction's own numbering
+    ref = np.zeros_like(pred)
+    ref[_cube()] = 5  # liver in the reference's numbering; its value 1 is the spleen
+    _write(tmp_path / "p.nii.gz", pred, labels={"1": "liver"})
+    _write(tmp_path / "r.nii.gz", ref)
+    labels = tmp_path / "total.json"
+    labels.write_text(json.dumps({"1": "spleen", "5": "liver"}))
+    out = tmp_path / "report.json"
+    args = ["--pred", str(tmp_path / "p.nii.gz"), "--ref", str(tmp_path / "r.nii.gz"), "--labels", str(labels),
+            "--out", str(out)]
+    assert run_cli(evaluate_main, args) == 0
+    organs = json.loads(out.read_text())["cases"][0]["organs"]
+    assert organs["liver"]["dice"] == 1.0 and "spleen" not in organs
+    # without its sidecar the prediction is read with the one map (it then holds "spleen", which is absent in ref)
+    (tmp_path / "p.json").unlink()
+    assert run_cli(evaluate_main, args) == 0
+    organs = json.loads(out.read_text())["cases"][0]["organs"]
+    assert organs["liver"]["dice"] == 0.0 and organs["spleen"]["dice"] == 0.0
+
+
 def test_grid_mismatch_is_refused_unless_resampling(tmp_path, capsys):
     arr = np.zeros((10, 12, 12), np.uint8)
     arr[2:6, 3:8, 3:8] = 1

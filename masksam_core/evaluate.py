@@ -3,9 +3,12 @@
     python -m masksam_core.evaluate --pred P --ref R [--labels MAP.json] --out report.json [--resample-ref]
         [--tolerance-mm 2]
 
-P and R are labelmap files, or folders of them (paired by file name). Label names come from the prediction's JSON
-sidecar (``labels``) and, for the reference, from ``--labels`` (``{"pred": {...}, "ref": {...}}`` or one
-``{value: name}`` map for both) or a sidecar beside it. Predictions and references on different grids are refused
+P and R are labelmap files, or folders of them (paired by file name). Label names come from ``--labels``: either
+``{"pred": {...}, "ref": {...}}``, or one ``{value: name}`` map, which names the reference's values and the
+prediction's only when the prediction has no JSON sidecar (a prediction's own sidecar, written with it by
+``predict``, always names its values: one map for both would silently mislabel a prediction whose numbering
+differs from the reference's). Without ``--labels`` each file's sidecar is used, and the reference falls back to
+the prediction's names. Predictions and references on different grids are refused
 unless ``--resample-ref`` (nearest neighbour onto the prediction's grid). Writes report.json, report.csv and a
 PNG bar chart of Dice per organ, each atomically.
 """
@@ -48,18 +51,19 @@ def _sidecar_labels(path: Path) -> Optional[Dict[int, str]]:
     return None
 
 
-def _label_maps(labels_file: Optional[str]) -> Tuple[Optional[Dict[int, str]], Optional[Dict[int, str]]]:
+def _label_maps(labels_file: Optional[str]) -> Tuple[Optional[Dict[int, str]], Optional[Dict[int, str]], bool]:
+    """(prediction map, reference map, whether one map was given for both) from ``--labels``."""
     if not labels_file:
-        return None, None
+        return None, None, False
     p = Path(labels_file)
     if not p.exists():
         raise InputError(f"labels file not found: {p}")
     data = json.loads(p.read_text())
     if "pred" in data or "ref" in data:
         conv = {k: ({int(v): n for v, n in data[k].items()} if k in data else None) for k in ("pred", "ref")}
-        return conv["pred"], conv["ref"]
+        return conv["pred"], conv["ref"], False
     both = {int(v): n for v, n in data.items()}
-    return both, both
+    return both, both, True
 
 
 def _read(path: Path) -> sitk.Image:
@@ -72,7 +76,10 @@ def _read(path: Path) -> sitk.Image:
 
 
 def evaluate_case(pred_path: Path, ref_path: Path, pred_labels: Optional[Dict[int, str]],
-                  ref_labels: Optional[Dict[int, str]], resample_ref: bool, tolerance: float) -> Dict:
+                  ref_labels: Optional[Dict[int, str]], resample_ref: bool, tolerance: float,
+                  shared_labels: bool = False) -> Dict:
+    """Metrics of one case. ``shared_labels``: ``pred_labels`` is the one map given for both files, so the
+    prediction's own sidecar, where it has one, takes precedence for the prediction."""
     from .data.geometry import resample_to_reference, same_grid
 
     pred_img, ref_img = _read(pred_path), _read(ref_path)
@@ -81,7 +88,10 @@ def evaluate_case(pred_path: Path, ref_path: Path, pred_labels: Optional[Dict[in
             raise InputError(f"{pred_path.name} and {ref_path.name} are on different grids (size, spacing, origin "
                              f"or direction); use --resample-ref to resample the reference onto the prediction")
         ref_img = resample_to_reference(ref_img, pred_img, sitk.sitkNearestNeighbor, 0)
-    pl = pred_labels or _sidecar_labels(pred_path)
+    if shared_labels:
+        pl = _sidecar_labels(pred_path) or pred_labels
+    else:
+        pl = pred_labels or _sidecar_labels(pred_path)
     rl = ref_labels or _sidecar_labels(ref_path) or pl
     if not pl:
         raise InputError(f"no label names for {pred_path.name}: give --labels or keep its JSON sidecar")
@@ -183,8 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise MaskSAMError("--out must end with .json")
-    pred_labels, ref_labels = _label_maps(args.labels)
-    cases = [evaluate_case(p, r, pred_labels, ref_labels, args.resample_ref, args.tolerance_mm)
+    pred_labels, ref_labels, shared = _label_maps(args.labels)
+    cases = [evaluate_case(p, r, pred_labels, ref_labels, args.resample_ref, args.tolerance_mm, shared)
              for p, r in pair_cases(Path(args.pred), Path(args.ref))]
     keys = list(cases[0]["mean"])
     mean = {k: (float(np.mean([c["mean"][k] for c in cases if c["mean"].get(k) is not None]))
