@@ -91,7 +91,8 @@ class OpenVINOModel:
         import openvino as ov
 
         root.mkdir(parents=True, exist_ok=True)
-        print(f"converting the {self.kind} for OpenVINO (once; kept in {root})", file=sys.stderr, flush=True)
+        what = self.kind.replace("_", " ")
+        print(f"converting the {what} for OpenVINO (once; kept in {root})", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=root))
         try:
             was_training = module.training
