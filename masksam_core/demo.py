@@ -15,6 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 
+BOWEL = ("colon", "small_bowel", "duodenum", "stomach")
+
+
 def dice_by_name(pred: np.ndarray, pred_labels: Dict[int, str], ref: np.ndarray, ref_labels: Dict[int, str]) -> Dict[str, float]:
     """Dice per organ name present in both label maps (reference-present organs only)."""
     ref_by_name = {name: int(v) for v, name in ref_labels.items()}
@@ -62,7 +65,8 @@ def run_demo(args: argparse.Namespace) -> int:
     title = f"MaskSAM ({card.name}) on TotalSegmentator's example CT (training subject)"
     save_overlay_figure(image, labels, card.labels(), colours, figure, title=title)
     figure_3d = figure.with_name(figure.stem + "_3d.png")
-    save_surface_figure(labels, card.labels(), colours, figure_3d, title=title)
+    bowel = [int(c["value"]) for c in card.classes if c["name"] in BOWEL]  # drawn see-through: it hides the rest
+    save_surface_figure(labels, card.labels(), colours, figure_3d, title=title, translucent=bowel)
     print(f"Segmented {sample['ct'].name} in {sidecar['runtime_s']:.1f} s -> {out} "
           f"(pictures: {figure}, {figure_3d})")
     print("Dice is against TotalSegmentator's labels of the TRAINING SUBJECT (not a generalisation measure).")

@@ -96,6 +96,7 @@ def organ_surfaces(labels: sitk.Image, values: Sequence[int], max_faces: int = 4
     faces (F, 3) int)} for each value present. Large organs are meshed on a coarser grid (marching cubes step) so
     that each stays under about ``max_faces`` triangles.
     """
+    from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
     lab = sitk.DICOMOrient(labels, "LPS")
@@ -107,19 +108,22 @@ def organ_surfaces(labels: sitk.Image, values: Sequence[int], max_faces: int = 4
         if not mask.any():
             continue
         zs, ys, xs = [np.nonzero(mask.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1))]
-        crop = np.pad(mask[zs[0]:zs[-1] + 1, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1], 1).astype(np.float32)
+        crop = np.pad(mask[zs[0]:zs[-1] + 1, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1], 2).astype(np.float32)
+        # smooth over about 1.5 mm so that thick slices do not show as stairs; the 0.5 level stays at the boundary
+        crop = gaussian_filter(crop, sigma=[min(1.0, 1.5 / sp) for sp in (sz, sy, sx)])
         # surface ~ voxels^(2/3); marching cubes' step divides the face count by about step^2
         step = max(1, int(np.ceil(np.sqrt(4.0 * mask.sum() ** (2.0 / 3.0) / max_faces))))
         verts, faces, _, _ = marching_cubes(crop, 0.5, spacing=(sz, sy, sx), step_size=step)
-        offset = np.array([(zs[0] - 1) * sz, (ys[0] - 1) * sy, (xs[0] - 1) * sx])
+        offset = np.array([(zs[0] - 2) * sz, (ys[0] - 2) * sy, (xs[0] - 2) * sx])
         out[int(value)] = ((verts + offset)[:, ::-1].copy(), faces)
     return out
 
 
 def save_surface_figure(labels: sitk.Image, names: Dict[int, str], colours: Dict[int, Tuple[int, int, int]],
-                        path: Union[str, Path], title: str = "") -> Path:
+                        path: Union[str, Path], title: str = "", translucent: Sequence[int] = ()) -> Path:
     """Write a PNG of the organs in 3D, seen from the front (anterior view: the patient's left on the picture's
-    right, superior up), shaded in each organ's colour, with a legend."""
+    right, superior up), shaded in each organ's colour, with a legend. Organs whose values are in ``translucent``
+    (e.g. the bowel, which hides the rest from the front) are drawn see-through."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +143,9 @@ def save_surface_figure(labels: sitk.Image, names: Dict[int, str], colours: Dict
         normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
         shade = 0.35 + 0.65 * np.abs(normal @ light)
         rgb = np.asarray(colours.get(value, (200, 200, 200)), np.float32) / 255.0
-        ax.add_collection3d(Poly3DCollection(tri, facecolors=np.clip(shade[:, None] * rgb, 0, 1), linewidths=0))
+        alpha = 0.25 if value in translucent else 1.0
+        ax.add_collection3d(Poly3DCollection(tri, facecolors=np.clip(shade[:, None] * rgb, 0, 1), linewidths=0,
+                                             alpha=alpha))
         lo, hi = np.minimum(lo, verts.min(0)), np.maximum(hi, verts.max(0))
     if surfaces:
         for set_lim, a, b in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), lo, hi):
@@ -151,8 +157,10 @@ def save_surface_figure(labels: sitk.Image, names: Dict[int, str], colours: Dict
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0, right=1, top=0.94 if title else 1, bottom=0.12 if handles else 0)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=9)
+    fig.subplots_adjust(left=0, right=1, top=0.92 if title else 1, bottom=0.12 if handles else 0)
     path = Path(path)
     with atomic_output(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
