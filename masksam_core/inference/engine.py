@@ -6,7 +6,8 @@ Steps (``segment``):
 3. normalise intensities as the card says;
 4. slide slabs of D slices along z (overlap 50 %, none in fast mode) and 256-px tiles in-plane
    (only when the body is wider than a tile); run MaskSAM; per-slice encoder features are reused across
-   overlapping slabs when the encoder treats slices independently (the CPU recipe);
+   overlapping slabs when the encoder treats slices independently (the CPU recipe); on the CPU the encoder, the
+   prompt generator and SAM's decoder run on OpenVINO where it is installed (``openvino_runtime.py``);
 5. blend the semantic probabilities Σ_q softmax(class_q)·sigmoid(mask_q) with tent (z) and Gaussian (in-plane)
    weights; argmax; optional largest-component clean-up per organ;
 6. resample the labels (nearest neighbour) onto the input image's own grid: same size, spacing, origin and
