@@ -36,9 +36,9 @@ class BrightOracle(nn.Module):
     def apply_stem(self, slab, check_depth=True):
         return slab.expand(-1, 3, -1, -1, -1)
 
-    def encode(self, stem_out):
+    def encode(self, stem_out, encoder=None):
         g, c, d, s, _ = stem_out.shape
-        return [stem_out.transpose(1, 2).reshape(g * d, c, s, s)]
+        return (encoder or self.encoder)(stem_out.transpose(1, 2).reshape(g * d, c, s, s))
 
     def forward_features(self, feats, stem_out, decode=None, decoder=None, prompt_generator=None):
         img = feats[0][:, 0].float()

@@ -51,8 +51,8 @@ class InferenceOptions:
     cleanup: keep only the largest connected component of each organ.
     precision: "auto" (bf16 where the CPU or GPU supports it), "bf16" or "fp32".
     background_threshold: semantic-fusion background threshold; None takes the model card's setting.
-    runtime: the runtime of the frozen per-slice encoder and of SAM's decoder on the CPU: "auto" (OpenVINO when
-        installed, else torch), "torch" or "openvino" (see ``openvino_runtime.py``).
+    runtime: the runtime of the frozen per-slice encoder, the prompt generator and SAM's decoder on the CPU: "auto"
+        (OpenVINO when installed, else torch), "torch" or "openvino" (see ``openvino_runtime.py``).
     """
 
     device: str = "auto"
@@ -168,9 +168,8 @@ class SlabEngine:
         missing = [d for d, z in enumerate(z_indices) if cache.get((tile_key, z)) is None]
         if missing:
             sub = stem_out[:, :, missing]
-            g, c, m, s, _ = sub.shape
-            feats = self.encode_slices(sub.transpose(1, 2).reshape(g * m, c, s, s))
-            self.stats["encoded_slices"] += g * m
+            feats = self.model.encode(sub, self.encode_slices)
+            self.stats["encoded_slices"] += sub.shape[0] * sub.shape[2]
             for j, d in enumerate(missing):
                 cache.put((tile_key, z_indices[d]), [f[j: j + 1] for f in feats])
         per_slice = [cache.get((tile_key, z)) for z in z_indices]

@@ -186,11 +186,15 @@ class MaskSAM(nn.Module):
         x = slab.expand(-1, 3, -1, -1, -1)
         return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
 
-    def encode(self, stem_out: torch.Tensor) -> List[torch.Tensor]:
-        """(G, 3, D, S, S) -> encoder features (list of (G·D, C_k, h_k, w_k), neck first)."""
+    def encode(self, stem_out: torch.Tensor, encoder: Optional[Callable] = None) -> List[torch.Tensor]:
+        """(G, 3, D, S, S) -> encoder features (list of (G·D, C_k, h_k, w_k), neck first).
+
+        ``encoder``: what runs :attr:`encoder` on the (G·D, 3, S, S) slices (same outputs), e.g. an OpenVINO runner
+        for a per-slice encoder; None for the module itself.
+        """
         g, c, d, s, _ = stem_out.shape
         x = stem_out.transpose(1, 2).reshape(g * d, c, s, s)
-        return self.encoder(x)
+        return (encoder or self.encoder)(x)
 
     def forward(self, slab: torch.Tensor, decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """slab (G, 1, D, S, S); decode (G, N) bool or None (all). See the class docstring for the outputs."""

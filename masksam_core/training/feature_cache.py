@@ -83,14 +83,12 @@ def encode_volume(model: MaskSAM, image: np.ndarray, amp: Optional[torch.dtype],
 
     ``encoder``: what runs the encoder on (B, 3, S, S) (default ``model.encoder``; an OpenVINO runner, see
     ``inference/openvino_runtime.py``)."""
-    encoder = encoder or model.encoder
     outs: List[List[np.ndarray]] = []
     for z0 in range(0, image.shape[0], ENCODE_BATCH):
         chunk = torch.from_numpy(np.ascontiguousarray(image[z0:z0 + ENCODE_BATCH], dtype=np.float32)).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             stem_out = model.apply_stem(chunk[None, None], check_depth=False)  # per-slice repeat stem
-            _, c, z, h, w = stem_out.shape
-            feats = encoder(stem_out.transpose(1, 2).reshape(z, c, h, w))
+            feats = model.encode(stem_out, encoder)
         outs.append([f.float().cpu().numpy().astype(np.float16) for f in feats])
     return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
 
