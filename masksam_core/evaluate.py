@@ -39,7 +39,10 @@ def _stem(name: str) -> str:
     return name
 
 
-def _sidecar_labels(path: Path) -> Optional[Dict[int, str]]:
+LabelMap = Optional[Dict[int, str]]  # {value: organ name}
+
+
+def _sidecar_labels(path: Path) -> LabelMap:
     side = path.with_name(_stem(path.name) + ".json")
     if side.exists():
         try:
@@ -51,19 +54,20 @@ def _sidecar_labels(path: Path) -> Optional[Dict[int, str]]:
     return None
 
 
-def _label_maps(labels_file: Optional[str]) -> Tuple[Optional[Dict[int, str]], Optional[Dict[int, str]], bool]:
-    """(prediction map, reference map, whether one map was given for both) from ``--labels``."""
+def _label_maps(labels_file: Optional[str]) -> Tuple[LabelMap, LabelMap, LabelMap]:
+    """From ``--labels``: (the prediction's map, the reference's map, the prediction's fallback map, used only when
+    the prediction has no sidecar: the one map given for both)."""
     if not labels_file:
-        return None, None, False
+        return None, None, None
     p = Path(labels_file)
     if not p.exists():
         raise InputError(f"labels file not found: {p}")
     data = json.loads(p.read_text())
     if "pred" in data or "ref" in data:
         conv = {k: ({int(v): n for v, n in data[k].items()} if k in data else None) for k in ("pred", "ref")}
-        return conv["pred"], conv["ref"], False
+        return conv["pred"], conv["ref"], None
     both = {int(v): n for v, n in data.items()}
-    return both, both, True
+    return None, both, both
 
 
 def _read(path: Path) -> sitk.Image:
@@ -75,11 +79,10 @@ def _read(path: Path) -> sitk.Image:
         raise InputError(f"cannot read {path.name} as an image") from None
 
 
-def evaluate_case(pred_path: Path, ref_path: Path, pred_labels: Optional[Dict[int, str]],
-                  ref_labels: Optional[Dict[int, str]], resample_ref: bool, tolerance: float,
-                  shared_labels: bool = False) -> Dict:
-    """Metrics of one case. ``shared_labels``: ``pred_labels`` is the one map given for both files, so the
-    prediction's own sidecar, where it has one, takes precedence for the prediction."""
+def evaluate_case(pred_path: Path, ref_path: Path, pred_labels: LabelMap, ref_labels: LabelMap, resample_ref: bool,
+                  tolerance: float, fallback_pred_labels: LabelMap = None) -> Dict:
+    """Metrics of one case. The prediction's names: ``pred_labels``, else its own sidecar, else
+    ``fallback_pred_labels``; the reference's: ``ref_labels``, else its sidecar, else the prediction's."""
     from .data.geometry import resample_to_reference, same_grid
 
     pred_img, ref_img = _read(pred_path), _read(ref_path)
@@ -88,10 +91,7 @@ def evaluate_case(pred_path: Path, ref_path: Path, pred_labels: Optional[Dict[in
             raise InputError(f"{pred_path.name} and {ref_path.name} are on different grids (size, spacing, origin "
                              f"or direction); use --resample-ref to resample the reference onto the prediction")
         ref_img = resample_to_reference(ref_img, pred_img, sitk.sitkNearestNeighbor, 0)
-    if shared_labels:
-        pl = _sidecar_labels(pred_path) or pred_labels
-    else:
-        pl = pred_labels or _sidecar_labels(pred_path)
+    pl = pred_labels or _sidecar_labels(pred_path) or fallback_pred_labels
     rl = ref_labels or _sidecar_labels(ref_path) or pl
     if not pl:
         raise InputError(f"no label names for {pred_path.name}: give --labels or keep its JSON sidecar")
@@ -193,8 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise MaskSAMError("--out must end with .json")
-    pred_labels, ref_labels, shared = _label_maps(args.labels)
-    cases = [evaluate_case(p, r, pred_labels, ref_labels, args.resample_ref, args.tolerance_mm, shared)
+    pred_labels, ref_labels, fallback = _label_maps(args.labels)
+    cases = [evaluate_case(p, r, pred_labels, ref_labels, args.resample_ref, args.tolerance_mm, fallback)
              for p, r in pair_cases(Path(args.pred), Path(args.ref))]
     keys = list(cases[0]["mean"])
     mean = {k: (float(np.mean([c["mean"][k] for c in cases if c["mean"].get(k) is not None]))

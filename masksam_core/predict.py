@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune", action="store_true", help="decode every query, even those with empty masks")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
-                   help="CPU runtime of the image encoder: auto (OpenVINO when installed), torch or openvino")
+                   help="CPU runtime of the image encoder, prompt generator and SAM's decoder: auto (OpenVINO "
+                        "when installed), torch or openvino")
     p.add_argument("--demo", action="store_true", help="segment TotalSegmentator's example CT (downloaded once)")
     return p
 
