@@ -91,8 +91,7 @@ def torch_run(module: torch.nn.Module, bf16: bool = False) -> Callable:
 
 def main() -> None:
     from masksam_core.inference.engine import cpu_supports_bf16, physical_cores
-    from masksam_core.inference.openvino_runtime import (OpenVINODecoder, OpenVINOEncoder, make_part_runner,
-                                                         openvino_version)
+    from masksam_core.inference.openvino_runtime import OpenVINOEncoder, make_part_runner, openvino_version
     from masksam_core.model.folder import load_model
     from masksam_core.predict import resolve_model_dir
 
@@ -137,8 +136,8 @@ def main() -> None:
                       torch.randn(d, 2, e, generator=gen), torch.randn(d, e, h, w, generator=gen),
                       torch.randn(d, e, generator=gen))
         runs = [("torch fp32", torch_run(model.decoder), "fp32")]
-        runs = with_openvino("decoder", runs, lambda: OpenVINODecoder(model.decoder, d, model.embed_grid, th, bf16,
-                                                                      cache), bf16)
+        runs = with_openvino("decoder", runs, lambda: make_part_runner(
+            model, "decoder", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16)
         compare_runtimes("decoder", "per_item", runs, dec_inputs, d, limits, args.reps)
 
 
