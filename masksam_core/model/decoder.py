@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import DepthConvTokenAdapter, DepthMLPAdapter
+from .conv import Conv3d, ConvTranspose3d
 
 
 def binarize_and_box_prompts(aux_mask_logits: torch.Tensor, head_boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +189,12 @@ class RefinementHead(nn.Module):
 
     def __init__(self, num_queries: int, channels: int = 64, num_up: int = 2) -> None:
         super().__init__()
-        layers = [nn.Conv3d(num_queries, channels, 3, padding=1), nn.InstanceNorm3d(channels, affine=True),
+        layers = [Conv3d(num_queries, channels, 3, padding=1), nn.InstanceNorm3d(channels, affine=True),
                   nn.LeakyReLU(0.01, inplace=True)]
         for _ in range(num_up):
-            layers += [nn.ConvTranspose3d(channels, channels, (1, 2, 2), stride=(1, 2, 2)),
+            layers += [ConvTranspose3d(channels, channels, (1, 2, 2), stride=(1, 2, 2)),
                        nn.InstanceNorm3d(channels, affine=True), nn.GELU()]
-        layers.append(nn.Conv3d(channels, num_queries, 3, padding=1))
+        layers.append(Conv3d(channels, num_queries, 3, padding=1))
         self.body = nn.Sequential(*layers)
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from .backbones import Backbone
+from .conv import Conv3d
 from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe,
                       encode_prompts)
 from .encoder import TinyViTFeatureEncoder, ViTFeatureEncoder
@@ -95,8 +96,8 @@ class MaskSAM(nn.Module):
         d = config.slab_depth
         if config.stem == "conv3d":
             self.stem = nn.Sequential(
-                nn.Conv3d(1, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
-                nn.Conv3d(8, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                Conv3d(1, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                Conv3d(8, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01, inplace=True),
             )
         else:
             self.stem = None

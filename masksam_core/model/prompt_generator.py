@@ -21,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv import Conv3d, ConvTranspose3d
+
 
 def conv_block(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
     """Conv3d (kernel^3, same padding) + InstanceNorm3d(affine) + LeakyReLU(0.01)."""
     return nn.Sequential(
-        nn.Conv3d(cin, cout, kernel, padding=kernel // 2),
+        Conv3d(cin, cout, kernel, padding=kernel // 2),
         nn.InstanceNorm3d(cout, affine=True),
         nn.LeakyReLU(0.01, inplace=True),
     )
@@ -33,7 +35,7 @@ def conv_block(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
 
 def up_block(cin: int, cout: int) -> nn.Sequential:
     """In-plane x2 upsampling: ConvTranspose3d with kernel and stride (1, 2, 2)."""
-    return nn.Sequential(nn.ConvTranspose3d(cin, cout, kernel_size=(1, 2, 2), stride=(1, 2, 2)))
+    return nn.Sequential(ConvTranspose3d(cin, cout, kernel_size=(1, 2, 2), stride=(1, 2, 2)))
 
 
 class SkipBranch(nn.Module):
@@ -106,11 +108,11 @@ class PromptGenerator(nn.Module):
             self.image_branch = conv_block(image_channels, channels[0])
             self.fuse_single = conv_block(2 * channels[0], channels[0])
         total = sum(channels)
-        self.mask_head = nn.Conv3d(channels[-1], num_queries, kernel_size=1)
-        self.box_head = nn.Sequential(nn.Conv3d(total, num_queries, kernel_size=1),
+        self.mask_head = Conv3d(channels[-1], num_queries, kernel_size=1)
+        self.box_head = nn.Sequential(Conv3d(total, num_queries, kernel_size=1),
                                       nn.InstanceNorm3d(num_queries, affine=True))
         self.token_pool = int(math.ceil(math.sqrt(token_dim)))
-        self.token_head = nn.Sequential(nn.Conv3d(total, num_queries, kernel_size=3, padding=1),
+        self.token_head = nn.Sequential(Conv3d(total, num_queries, kernel_size=3, padding=1),
                                         nn.InstanceNorm3d(num_queries, affine=True), nn.GELU())
         pooled = self.token_pool ** 2
         self.token_proj = nn.Identity() if pooled == token_dim else nn.Linear(pooled, token_dim)

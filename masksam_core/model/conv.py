@@ -1,0 +1,74 @@
+"""3D convolutions computed as 2D convolutions, because PyTorch's CPU backend runs this model's Conv3d slowly.
+
+At batch 1, PyTorch sends many of the model's Conv3d shapes to its reference kernel ``slow_conv3d`` (for example
+(1, 16, 4, 256, 256) with 16 -> 16 channels: about 10 GFLOP/s on 2 cores), and the 3D backward is slow even
+where the forward uses oneDNN. A k_d x k_h x k_w convolution with stride 1 and "same" depth padding equals one
+2D k_h x k_w convolution over the k_d depth-shifted copies of the input stacked along channels, which oneDNN
+runs 4-5x faster, forward and backward (``benchmarks/bench_train.py``; measured on a 2-core AVX2 EPYC). The
+stacked input costs k_d times the input's memory for the duration of the call.
+
+:class:`Conv3d` and :class:`ConvTranspose3d` have exactly the parameters and state-dict keys of ``nn.Conv3d``
+and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (groups, strides,
+dilations, non-zero padding modes) run PyTorch's own 3D operator. While being traced for export (OpenVINO), they
+also emit the plain 3D operator, which graph compilers already run well.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose stride-1, ungrouped, same-depth-padded case runs as one 2D convolution.
+
+    Input (N, C_in, D, H, W) -> output (N, C_out, D, H', W'), as ``nn.Conv3d``. The output of the fast path is
+    a (N, C_out, D, H', W') view of a (N, D, C_out, H', W') tensor; the next :class:`Conv3d` reads it without a
+    copy.
+    """
+
+    def _stackable(self) -> bool:
+        kd = self.kernel_size[0]
+        return (self.groups == 1 and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1)
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and kd % 2 == 1 and self.padding[0] == kd // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing() or not self._stackable():
+            return super().forward(x)
+        n, c, d, h, w = x.shape
+        kd, pd = self.kernel_size[0], self.padding[0]
+        weight = self.weight  # (C_out, C_in, kd, kh, kw)
+        slices = x.transpose(1, 2)  # (N, D, C_in, H, W); contiguous when x came from a Conv3d here
+        if kd == 1:
+            stacked = slices
+        else:
+            padded = F.pad(slices, (0, 0, 0, 0, 0, 0, pd, pd))  # (N, D + 2 pd, C_in, H, W)
+            stacked = padded.unfold(1, kd, 1).permute(0, 1, 5, 2, 3, 4)  # (N, D, kd, C_in, H, W) view
+        weight_2d = weight.transpose(1, 2).reshape(weight.shape[0], kd * c, *weight.shape[3:])  # (C_out, kd C_in, kh, kw)
+        out = F.conv2d(stacked.reshape(n * d, kd * c, h, w), weight_2d, self.bias, padding=self.padding[1:])
+        return out.reshape(n, d, *out.shape[1:]).transpose(1, 2)
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose in-plane case (depth kernel and stride 1, no depth padding, no groups) runs
+    as one 2D transposed convolution over the N·D slices. (N, C_in, D, H, W) -> (N, C_out, D, H', W')."""
+
+    def _per_slice(self) -> bool:
+        return (self.groups == 1 and self.kernel_size[0] == 1 and self.stride[0] == 1 and self.padding[0] == 0
+                and self.output_padding[0] == 0 and self.dilation == (1, 1, 1) and self.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        if _tracing() or output_size is not None or not self._per_slice():
+            return super().forward(x, output_size)
+        n, c, d, h, w = x.shape
+        slices = x.transpose(1, 2).reshape(n * d, c, h, w)
+        out = F.conv_transpose2d(slices, self.weight[:, :, 0], self.bias, stride=self.stride[1:],
+                                 padding=self.padding[1:], output_padding=self.output_padding[1:])
+        return out.reshape(n, d, *out.shape[1:]).transpose(1, 2)
