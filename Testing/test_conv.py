@@ -14,8 +14,9 @@ CONV_CASES = [
     dict(in_channels=4, out_channels=6, kernel_size=(3, 5, 3), padding=(1, 2, 1), bias=False),
     dict(in_channels=4, out_channels=4, kernel_size=(5, 3, 3), padding=(2, 1, 1)),
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=(1, 0, 0)),  # no in-plane padding
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2),
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),  # depthwise, as in the adapters
     # outside the fast path: run PyTorch's own operator
-    dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2),
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, stride=(1, 2, 2)),
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=0),
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="replicate"),

@@ -253,3 +253,29 @@ def test_runtime_choice(model, monkeypatch):
         make_part_runner(model, "prompt_generator", "openvino", 1, False, cpu)
     with pytest.raises(ValueError, match="needs the openvino package"):
         make_encoder_runner(model, "openvino", 1, False, cpu)
+
+
+@openvino_missing
+def test_openvino_streams_return_every_call_in_order(model, tmp_path):
+    """With two streams (OpenVINO's throughput mode) calls run concurrently; the results are those of one stream,
+    in the order of the calls, for the encoder (per slice) and the decoder (per group)."""
+    from masksam_core.inference.openvino_runtime import OpenVINODecoder, OpenVINOEncoder
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, model.input_size, model.input_size, generator=gen)
+    one = OpenVINOEncoder(model.encoder, model.input_size, threads=2, cache_root=tmp_path)
+    two = OpenVINOEncoder(model.encoder, model.input_size, threads=2, cache_root=tmp_path, streams=2)
+    assert two.streams == 2 and two.queue is not None
+    for a, b in zip(one(x), two(x)):
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+    d, e = model.slab_depth, model.decoder.base.transformer_dim
+    h, w = model.embed_grid
+    p = 5 * d
+    inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
+              torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, generator=gen))
+    seq = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path)(*inputs)
+    par = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path, streams=2)(*inputs)
+    for a, b in zip(seq, par):
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-6
+    # more streams than threads is capped: each stream needs a core
+    assert OpenVINOEncoder(model.encoder, model.input_size, threads=1, cache_root=tmp_path, streams=2).queue is None

@@ -9,7 +9,8 @@ bf16 where the CPU has it; the one-time conversion is timed separately). For eac
 GFLOP/s (FLOPs counted by torch's FlopCounterMode) and its fraction of this machine's dense-matmul rate (measured
 here, 2048x2048 fp32 / bf16), and the largest difference of its outputs from torch fp32 relative to their range.
 One JSON line per part and runtime ("bench": "encoder", "prompt_generator" or "decoder"). The prompt generator
-runs one slab and the decoder one group of D items (the D slices of one slab and query), as the engine calls them.
+runs one slab, as the engine calls it, and the decoder 4 groups of D items (the D slices of one slab and query),
+on one stream and on the engine's concurrent streams.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def compare_runtimes(part: str, unit: str, runs: List[Run], inputs: tuple, units
                           "max_rel_diff_vs_torch_fp32": float(f"{diff:.2e}")}), flush=True)
 
 
-def with_openvino(part: str, runs: List[Run], build: Callable, bf16: bool) -> List[Run]:
+def with_openvino(part: str, runs: List[Run], build: Callable, bf16: bool, label: str = "") -> List[Run]:
     """``runs`` plus the OpenVINO run of ``build()`` (its conversion and compilation timed) when installed."""
     from masksam_core.inference.openvino_runtime import openvino_version
 
@@ -76,9 +77,10 @@ def with_openvino(part: str, runs: List[Run], build: Callable, bf16: bool) -> Li
         return runs
     t = time.perf_counter()
     runner = build()
-    print(json.dumps({"bench": part, "runtime": "openvino", "convert_and_compile_s": round(time.perf_counter() - t, 1)}),
+    name = f"openvino {'bf16' if bf16 else 'fp32'}{label}"
+    print(json.dumps({"bench": part, "runtime": name, "convert_and_compile_s": round(time.perf_counter() - t, 1)}),
           flush=True)
-    return runs + [(f"openvino {'bf16' if bf16 else 'fp32'}", runner, "bf16" if bf16 else "fp32")]
+    return runs + [(name, runner, "bf16" if bf16 else "fp32")]
 
 
 def torch_run(module: torch.nn.Module, bf16: bool = False) -> Callable:
@@ -91,7 +93,8 @@ def torch_run(module: torch.nn.Module, bf16: bool = False) -> Callable:
 
 def main() -> None:
     from masksam_core.inference.engine import cpu_supports_bf16, physical_cores
-    from masksam_core.inference.openvino_runtime import OpenVINOEncoder, make_part_runner, openvino_version
+    from masksam_core.inference.openvino_runtime import (DECODER_STREAMS, OpenVINODecoder, OpenVINOEncoder,
+                                                         make_part_runner, openvino_version)
     from masksam_core.model.folder import load_model
     from masksam_core.predict import resolve_model_dir
 
@@ -129,16 +132,20 @@ def main() -> None:
         runs = with_openvino("prompt_generator", runs, lambda: make_part_runner(
             model, "prompt_generator", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16)
         compare_runtimes("prompt_generator", "per_slab", runs, pg_inputs, 1, limits, args.reps)
-        # decoder: one group of D items
+        # decoder: 4 groups of D items (4 decoded queries of one slab), on one stream and on the engine's streams
         e = model.decoder.base.transformer_dim
         h, w = model.embed_grid
-        dec_inputs = (torch.randn(d, e, h, w, generator=gen), torch.randn(d, e, h, w, generator=gen),
-                      torch.randn(d, 2, e, generator=gen), torch.randn(d, e, h, w, generator=gen),
-                      torch.randn(d, e, generator=gen))
+        p = 4 * d
+        dec_inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
+                      torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen),
+                      torch.randn(p, e, generator=gen))
         runs = [("torch fp32", torch_run(model.decoder), "fp32")]
+        runs = with_openvino("decoder", runs, lambda: OpenVINODecoder(
+            model.decoder, d, model.embed_grid, th, bf16, cache, streams=1), bf16, ", 1 stream")
         runs = with_openvino("decoder", runs, lambda: make_part_runner(
-            model, "decoder", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16)
-        compare_runtimes("decoder", "per_item", runs, dec_inputs, d, limits, args.reps)
+            model, "decoder", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16,
+            f", {min(DECODER_STREAMS, th)} streams (the engine's)")
+        compare_runtimes("decoder", "per_item", runs, dec_inputs, p, limits, args.reps)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv import Conv3d
+
 
 class LayerNormChannels3d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, D, H, W) tensor (eps 1e-6)."""
@@ -47,7 +49,7 @@ class DepthConvAdapter(nn.Module):
         self.depth = depth
         self.skip = skip
         self.down = nn.Linear(dim, hidden)
-        self.conv = nn.Conv3d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
+        self.conv = Conv3d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
         self.norm = LayerNormChannels3d(hidden)
         self.up = nn.Linear(hidden, dim)
         nn.init.zeros_(self.up.weight)

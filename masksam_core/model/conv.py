@@ -8,8 +8,8 @@ runs 4-5x faster, forward and backward (``benchmarks/bench_train.py``; measured 
 stacked input costs k_d times the input's memory for the duration of the call.
 
 :class:`Conv3d` and :class:`ConvTranspose3d` have exactly the parameters and state-dict keys of ``nn.Conv3d``
-and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (groups, strides,
-dilations, non-zero padding modes) run PyTorch's own 3D operator. While being traced for export (OpenVINO), they
+and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (strides,
+dilations, non-zero padding modes; groups for the transposed convolution) run PyTorch's own 3D operator. While being traced for export (OpenVINO), they
 also emit the plain 3D operator, which graph compilers already run well.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _tracing() -> bool:
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` whose stride-1, ungrouped, same-depth-padded case runs as one 2D convolution.
+    """``nn.Conv3d`` whose stride-1, same-depth-padded case (grouped or not) runs as one 2D convolution.
 
     Input (N, C_in, D, H, W) -> output (N, C_out, D, H', W'), as ``nn.Conv3d``. The output of the fast path is
     a (N, C_out, D, H', W') view of a (N, D, C_out, H', W') tensor; the next :class:`Conv3d` reads it without a
@@ -35,24 +35,23 @@ class Conv3d(nn.Conv3d):
 
     def _stackable(self) -> bool:
         kd = self.kernel_size[0]
-        return (self.groups == 1 and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1)
-                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and kd % 2 == 1 and self.padding[0] == kd // 2)
+        return (self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple) and kd % 2 == 1 and self.padding[0] == kd // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _tracing() or not self._stackable():
             return super().forward(x)
         n, c, d, h, w = x.shape
         kd, pd = self.kernel_size[0], self.padding[0]
-        weight = self.weight  # (C_out, C_in, kd, kh, kw)
         slices = x.transpose(1, 2)  # (N, D, C_in, H, W); contiguous when x came from a Conv3d here
         if kd == 1:
             stacked = slices
-        else:
+        else:  # channel-major stack (C_in, kd), so that each group's input channels stay together
             padded = F.pad(slices, (0, 0, 0, 0, 0, 0, pd, pd))  # (N, D + 2 pd, C_in, H, W)
-            stacked = padded.unfold(1, kd, 1).permute(0, 1, 5, 2, 3, 4)  # (N, D, kd, C_in, H, W) view
-        weight_2d = weight.transpose(1, 2).reshape(weight.shape[0], kd * c, *weight.shape[3:])  # (C_out, kd C_in, kh, kw)
-        out = F.conv2d(stacked.reshape(n * d, kd * c, h, w), weight_2d, self.bias, padding=self.padding[1:])
+            stacked = padded.unfold(1, kd, 1).permute(0, 1, 2, 5, 3, 4)  # (N, D, C_in, kd, H, W) view
+        weight_2d = self.weight.reshape(self.weight.shape[0], -1, *self.kernel_size[1:])  # (C_out, C_in/g · kd, kh, kw)
+        out = F.conv2d(stacked.reshape(n * d, c * kd, h, w), weight_2d, self.bias, padding=self.padding[1:],
+                       groups=self.groups)
         return out.reshape(n, d, *out.shape[1:]).transpose(1, 2)
 
 

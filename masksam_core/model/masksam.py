@@ -167,8 +167,9 @@ class MaskSAM(nn.Module):
         return c.stem == "repeat" and not c.encoder_adapters and not c.encoder_depth_embedding
 
     def decode_chunk(self, depth: int) -> int:
-        """Items per decoder call at inference (whole groups of D), bounding memory to a few hundred MB."""
-        return depth * max(1, 32 // depth)
+        """Items per decoder call at inference (whole groups of D, at least 2 so that OpenVINO's 2 decoder streams
+        both work), bounding the gathered inputs to about 200 MB (3 x 16 items x E x 64 x 64 fp32)."""
+        return depth * max(2, 16 // depth)
 
     # ------------------------------------------------------------------ forward
     def apply_stem(self, slab: torch.Tensor, check_depth: bool = True) -> torch.Tensor:
