@@ -4,8 +4,9 @@ At batch 1, PyTorch sends many of the model's Conv3d shapes to its reference ker
 (1, 16, 4, 256, 256) with 16 -> 16 channels: about 10 GFLOP/s on 2 cores), and the 3D backward is slow even
 where the forward uses oneDNN. A k_d x k_h x k_w convolution with stride 1 and "same" depth padding equals one
 2D k_h x k_w convolution over the k_d depth-shifted copies of the input stacked along channels, which oneDNN
-runs 4-5x faster, forward and backward (``benchmarks/bench_train.py``; measured on a 2-core AVX2 EPYC). The
-stacked input costs k_d times the input's memory for the duration of the call.
+runs 4-5x faster: forward + backward of that example 1019 -> 225 ms, and a prompt-generator training step on cached
+features 3.05 -> 1.80 s (2-core AVX2 EPYC). The stacked input costs k_d times the input's memory for the duration
+of the call.
 
 :class:`Conv3d` and :class:`ConvTranspose3d` have exactly the parameters and state-dict keys of ``nn.Conv3d``
 and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (strides,
