@@ -180,16 +180,22 @@ def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, m
     assert (runs["torch"].argmax(0) == runs["openvino"].argmax(0)).mean() > 0.999
 
 
+def _decoder_inputs(model, groups: int, gen: torch.Generator) -> tuple:
+    """Random decoder inputs for ``groups`` (slab, query) groups of D items: embeddings, PE, sparse and dense
+    prompt embeddings, classifier tokens."""
+    p, e = groups * model.slab_depth, model.decoder.base.transformer_dim
+    h, w = model.embed_grid
+    return (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
+            torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen),
+            torch.randn(p, e, generator=gen))
+
+
 @openvino_missing
 def test_openvino_decoder_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
     from masksam_core.inference.openvino_runtime import OpenVINODecoder
 
-    d, e = model.slab_depth, model.decoder.base.transformer_dim
-    h, w = model.embed_grid
-    gen = torch.Generator().manual_seed(1)
-    p = 3 * d  # three (slab, query) groups
-    inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
-              torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, generator=gen))
+    d = model.slab_depth
+    inputs = _decoder_inputs(model, 3, torch.Generator().manual_seed(1))  # three (slab, query) groups
     with torch.inference_mode():
         ref = model.decoder(*inputs)
     ov_decoder = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=1, cache_root=tmp_path)
@@ -268,11 +274,8 @@ def test_openvino_streams_return_every_call_in_order(model, tmp_path):
     assert two.streams == 2 and two.queue is not None
     for a, b in zip(one(x), two(x)):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
-    d, e = model.slab_depth, model.decoder.base.transformer_dim
-    h, w = model.embed_grid
-    p = 5 * d
-    inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
-              torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, generator=gen))
+    d = model.slab_depth
+    inputs = _decoder_inputs(model, 5, gen)
     seq = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path)(*inputs)
     par = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path, streams=2)(*inputs)
     for a, b in zip(seq, par):

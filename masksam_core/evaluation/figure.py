@@ -6,6 +6,7 @@ with SimpleITK's ``DICOMOrient`` and displayed with their physical aspect ratio.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -157,8 +158,6 @@ def save_surface_figure(labels: sitk.Image, names: Dict[int, str], colours: Dict
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
     if title:
-        import textwrap
-
         fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     fig.subplots_adjust(left=0, right=1, top=0.92 if title else 1, bottom=0.12 if handles else 0)
     path = Path(path)

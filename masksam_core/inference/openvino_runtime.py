@@ -233,13 +233,12 @@ class OpenVINOPromptGenerator(OpenVINOModel):
     kind = "prompt_generator"
 
     def __init__(self, prompt_generator: nn.Module, feature_shapes: Sequence[Tuple[int, int, int]], depth: int,
-                 input_size: int, threads: int, bf16: bool = False, cache_root: Optional[Path] = None,
-                 streams: int = 1) -> None:
+                 input_size: int, threads: int, bf16: bool = False, cache_root: Optional[Path] = None) -> None:
         example = tuple(torch.zeros(depth, *shape) for shape in feature_shapes) + \
             (torch.zeros(1, 3, depth, input_size, input_size),)
         self.depth = depth
         super().__init__(_PromptGeneratorGraph(prompt_generator), example, f"d{depth}-s{input_size}", threads, bf16,
-                         cache_root, streams)
+                         cache_root)
 
     def __call__(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """features: (G·D, C_k, h_k, w_k) each; image: (G, 3, D, S, S) -> ``aux_mask_logits`` (G·D, N, S, S),
@@ -247,7 +246,8 @@ class OpenVINOPromptGenerator(OpenVINOModel):
         arrays = [_as_numpy(f) for f in features]
         img = _as_numpy(image)
         d = self.depth
-        slabs = self._infer_all([[a[g * d:(g + 1) * d] for a in arrays] + [img[g:g + 1]] for g in range(img.shape[0])])
+        slabs = self._infer_all([[a[g * d:(g + 1) * d] for a in arrays] + [img[g:g + 1]]
+                                 for g in range(img.shape[0])])
         names = ("aux_mask_logits", "box_head", "tokens")
         return {name: torch.from_numpy(np.concatenate([o[k] for o in slabs])) for k, name in enumerate(names)}
 

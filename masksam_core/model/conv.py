@@ -10,8 +10,8 @@ of the call.
 
 :class:`Conv3d` and :class:`ConvTranspose3d` have exactly the parameters and state-dict keys of ``nn.Conv3d``
 and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (strides,
-dilations, non-zero padding modes; groups for the transposed convolution) run PyTorch's own 3D operator. While being traced for export (OpenVINO), they
-also emit the plain 3D operator, which graph compilers already run well.
+dilations, non-zero padding modes; groups for the transposed convolution) run PyTorch's own 3D operator. While
+being traced for export (OpenVINO), they also emit the plain 3D operator, which graph compilers already run well.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class Conv3d(nn.Conv3d):
         else:  # channel-major stack (C_in, kd), so that each group's input channels stay together
             padded = F.pad(slices, (0, 0, 0, 0, 0, 0, pd, pd))  # (N, D + 2 pd, C_in, H, W)
             stacked = padded.unfold(1, kd, 1).permute(0, 1, 2, 5, 3, 4)  # (N, D, C_in, kd, H, W) view
-        weight_2d = self.weight.reshape(self.weight.shape[0], -1, *self.kernel_size[1:])  # (C_out, C_in/g · kd, kh, kw)
+        # (C_out, C_in/g, kd, kh, kw) -> (C_out, C_in/g · kd, kh, kw), matching the channel-major stack
+        weight_2d = self.weight.reshape(self.weight.shape[0], -1, *self.kernel_size[1:])
         out = F.conv2d(stacked.reshape(n * d, c * kd, h, w), weight_2d, self.bias, padding=self.padding[1:],
                        groups=self.groups)
         return out.reshape(n, d, *out.shape[1:]).transpose(1, 2)
