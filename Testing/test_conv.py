@@ -63,6 +63,17 @@ def test_conv3d_reads_the_previous_conv3d_output_layout():
     _compare(ours, reference, torch.randn(2, 3, 4, 12, 11))
 
 
+def test_depthwise_conv3d_runs_channels_last_and_equals_torch():
+    """Depthwise (the adapters') runs oneDNN's 3D depthwise kernel on a channels-last copy of any input layout."""
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8)
+    x = torch.randn(2, 8, 4, 9, 10)
+    ours, reference = Conv3d(**kwargs), nn.Conv3d(**kwargs)
+    assert ours(x).is_contiguous(memory_format=torch.channels_last_3d)
+    _compare(ours, reference, x)
+    _compare(ours, reference, x.contiguous(memory_format=torch.channels_last_3d))
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(in_channels=6, out_channels=4, kernel_size=(1, 2, 2), stride=(1, 2, 2)),
     dict(in_channels=3, out_channels=5, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),

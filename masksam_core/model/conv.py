@@ -12,6 +12,10 @@ of the call.
 and ``nn.ConvTranspose3d``, so model files do not change. Configurations outside the fast path (strides,
 dilations, non-zero padding modes; groups for the transposed convolution) run PyTorch's own 3D operator. While
 being traced for export (OpenVINO), they also emit the plain 3D operator, which graph compilers already run well.
+
+Depthwise 3D convolutions (the adapters') are the exception: oneDNN's own depthwise 3D kernel on a channels-last
+input beats the stacked 2D form. :class:`Conv3d` runs them that way (adapter forward + backward on 20 decoder items
+0.81 -> 0.59 s; the convolution alone at (5, 64, 4, 64, 64): 458 -> 199 ms).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def _tracing() -> bool:
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` whose stride-1, same-depth-padded case (grouped or not) runs as one 2D convolution.
+    """``nn.Conv3d`` whose stride-1, same-depth-padded case runs as one 2D convolution (grouped or not), or, when
+    depthwise, as oneDNN's 3D depthwise kernel on a channels-last input (output channels-last too).
 
     Input (N, C_in, D, H, W) -> output (N, C_out, D, H', W'), as ``nn.Conv3d``. The output of the fast path is
     a (N, C_out, D, H', W') view of a (N, D, C_out, H', W') tensor; the next :class:`Conv3d` reads it without a
@@ -39,9 +44,14 @@ class Conv3d(nn.Conv3d):
         return (self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple) and kd % 2 == 1 and self.padding[0] == kd // 2)
 
+    def _depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _tracing() or not self._stackable():
             return super().forward(x)
+        if self._depthwise():  # the output keeps the channels-last layout
+            return super().forward(x.contiguous(memory_format=torch.channels_last_3d))
         n, c, d, h, w = x.shape
         kd, pd = self.kernel_size[0], self.padding[0]
         slices = x.transpose(1, 2)  # (N, D, C_in, H, W); contiguous when x came from a Conv3d here
