@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from masksam_core.inference.engine import InferenceOptions, SlabEngine, cpu_supports_bf16
+from masksam_core.model.decoder import decoder_input_shapes
 from masksam_core.model.masksam import MaskSAM, semantic_probabilities
 from masksam_core.model.recipes import architecture_for_recipe
 from masksam_core.training.feature_cache import FeatureCache, gather_slab
@@ -183,11 +184,8 @@ def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, m
 def _decoder_inputs(model, groups: int, gen: torch.Generator) -> tuple:
     """Random decoder inputs for ``groups`` (slab, query) groups of D items: embeddings, PE, sparse and dense
     prompt embeddings, classifier tokens."""
-    p, e = groups * model.slab_depth, model.decoder.base.transformer_dim
-    h, w = model.embed_grid
-    return (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
-            torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen),
-            torch.randn(p, e, generator=gen))
+    shapes = decoder_input_shapes(model.decoder.base.transformer_dim, groups * model.slab_depth, model.embed_grid)
+    return tuple(torch.randn(shape, generator=gen) for shape in shapes)
 
 
 @openvino_missing

@@ -95,6 +95,7 @@ def main() -> None:
     from masksam_core.inference.engine import cpu_supports_bf16, physical_cores
     from masksam_core.inference.openvino_runtime import (DECODER_STREAMS, OpenVINODecoder, OpenVINOEncoder,
                                                          make_part_runner, openvino_version)
+    from masksam_core.model.decoder import decoder_input_shapes
     from masksam_core.model.folder import load_model
     from masksam_core.predict import resolve_model_dir
 
@@ -133,12 +134,9 @@ def main() -> None:
             model, "prompt_generator", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16)
         compare_runtimes("prompt_generator", "per_slab", runs, pg_inputs, 1, limits, args.reps)
         # decoder: 4 groups of D items (4 decoded queries of one slab), on one stream and on the engine's streams
-        e = model.decoder.base.transformer_dim
-        h, w = model.embed_grid
         p = 4 * d
-        dec_inputs = (torch.randn(p, e, h, w, generator=gen), torch.randn(p, e, h, w, generator=gen),
-                      torch.randn(p, 2, e, generator=gen), torch.randn(p, e, h, w, generator=gen),
-                      torch.randn(p, e, generator=gen))
+        shapes = decoder_input_shapes(model.decoder.base.transformer_dim, p, model.embed_grid)
+        dec_inputs = tuple(torch.randn(shape, generator=gen) for shape in shapes)
         runs = [("torch fp32", torch_run(model.decoder), "fp32")]
         runs = with_openvino("decoder", runs, lambda: OpenVINODecoder(
             model.decoder, d, model.embed_grid, th, bf16, cache, streams=1), bf16, ", 1 stream")

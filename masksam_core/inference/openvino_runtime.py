@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..model.decoder import decoder_input_shapes
+
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
 # 0.053 instead of 0.061 s per item on 2 AVX2 cores. The encoder (0.80 s per slice either way) and the prompt
@@ -189,11 +191,10 @@ class OpenVINODecoder(OpenVINOModel):
 
     def __init__(self, decoder: nn.Module, depth: int, embed_grid: Tuple[int, int], threads: int,
                  bf16: bool = False, cache_root: Optional[Path] = None, streams: int = 1) -> None:
-        e = decoder.base.transformer_dim
-        h, w = embed_grid
-        example = (torch.zeros(depth, e, h, w), torch.zeros(depth, e, h, w), torch.zeros(depth, 2, e),
-                   torch.zeros(depth, e, h, w), torch.zeros(depth, e))
+        shapes = decoder_input_shapes(decoder.base.transformer_dim, depth, embed_grid)
+        example = tuple(torch.zeros(shape) for shape in shapes)
         self.depth = depth
+        h, w = embed_grid
         super().__init__(decoder, example, f"d{depth}-{h}x{w}", threads, bf16, cache_root, streams)
 
     def __call__(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,

@@ -15,7 +15,7 @@ being traced for export (OpenVINO), they also emit the plain 3D operator, which 
 
 Depthwise 3D convolutions (the adapters') are the exception: oneDNN's own depthwise 3D kernel on a channels-last
 input beats the stacked 2D form. :class:`Conv3d` runs them that way (adapter forward + backward on 20 decoder items
-0.81 -> 0.59 s; the convolution alone at (5, 64, 4, 64, 64): 458 -> 199 ms).
+0.81 -> 0.53 s; the convolution alone at (5, 64, 4, 64, 64): 458 -> 199 ms).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ logits ``Linear(E, C + 1)`` of the last token (P, C + 1).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -178,6 +178,14 @@ class ClassifierTokenDecoder(nn.Module):
         masks = (hyper.unsqueeze(1) @ upscaled.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)
         class_logits = self.class_head(hs[:, -1, :])
         return masks, class_logits
+
+
+def decoder_input_shapes(dim: int, items: int, embed_grid: Tuple[int, int]) -> List[Tuple[int, ...]]:
+    """Shapes of :meth:`ClassifierTokenDecoder.forward`'s inputs for P = ``items`` items and token width E = ``dim``:
+    image embeddings (P, E, h, w), positional encoding (P, E, h, w), sparse (P, 2, E), dense (P, E, h, w),
+    auxiliary tokens (P, E)."""
+    h, w = embed_grid
+    return [(items, dim, h, w), (items, dim, h, w), (items, 2, dim), (items, dim, h, w), (items, dim)]
 
 
 class RefinementHead(nn.Module):
