@@ -396,3 +396,49 @@ def test_class_bound_training_uses_dense_auxiliary_terms():
     for matching, dense in (("class_bound", True), ("hungarian", False)):
         trainer = Trainer(model, LoopConfig(max_steps=1, steps_per_epoch=1, matching=matching), torch.device("cpu"), None)
         assert trainer.criterion.dense_aux is dense
+
+
+def test_point_sampled_start_then_dense_auxiliary_losses(tiny, dataset, tmp_path, monkeypatch):
+    """--point-aux-steps K: class-bound steps before K train the auxiliary masks at sampled points, later ones on
+    every pixel; the learning rate restarts at K and at the decoder stage; the card records both stages."""
+    from masksam_core.training import criterion
+
+    modes = []
+    original = criterion.SetCriterion.forward
+
+    def spy(self, outputs, targets, indices=None, generator=None, dense_aux=None):
+        modes.append(self.dense_aux if dense_aux is None else dense_aux)
+        return original(self, outputs, targets, indices, generator, dense_aux)
+
+    monkeypatch.setattr(criterion.SetCriterion, "forward", spy)
+    out = tmp_path / "model"
+    assert _train(["--data", str(dataset), "--out", str(out), "--max-steps", "8", "--steps-per-epoch", "4",
+                   "--prompt-fraction", "0.5", "--point-aux-steps", "2", "--lr", "1e-3", "--val-cases", "case02",
+                   "--precision", "fp32"] + COMMON) == 0
+    assert modes == [False, False, True, True, True, True, True, True]
+    lr = [float(r["lr"]) for r in _log(out) if r["loss"]]
+    assert lr[0] == lr[2] == lr[4] == pytest.approx(1e-3) and lr[1] < lr[0] and lr[3] < lr[2]
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["prompt_steps"] == 4 and card["training"]["point_aux_steps"] == 2
+    assert "of which with point-sampled auxiliary mask losses: 2" in (out / "README.md").read_text()
+    # a switch outside the prompt stage, or with Hungarian matching, is refused before any work
+    for extra, message in ((["--point-aux-steps", "4"], "must be below the prompt-generator steps"),
+                           (["--point-aux-steps", "2", "--matching", "hungarian"], "class-bound matching only"),
+                           (["--point-aux-steps", "-1"], "0 or more")):
+        with pytest.raises(MaskSAMError, match=message):
+            _train(["--data", str(dataset), "--out", str(tmp_path / "bad"), "--max-steps", "8",
+                    "--prompt-fraction", "0.5"] + extra + COMMON)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_stage_bounds_with_a_point_sampled_start():
+    from masksam_core.training.loop import LoopConfig, stage_bounds, staged_lr
+
+    cfg = LoopConfig(max_steps=100, steps_per_epoch=10, lr=1e-3, prompt_steps=60, point_aux_steps=20,
+                     matching="class_bound")
+    assert stage_bounds(cfg) == [20, 60, 100]
+    assert staged_lr(cfg, 19) < 1e-4 and staged_lr(cfg, 20) == pytest.approx(1e-3)
+    assert staged_lr(cfg, 59) < 1e-4 and staged_lr(cfg, 60) == pytest.approx(1e-3)
+    assert staged_lr(cfg, 40) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    hungarian = LoopConfig(max_steps=100, steps_per_epoch=10, prompt_steps=60, point_aux_steps=20)
+    assert stage_bounds(hungarian) == [60, 100]

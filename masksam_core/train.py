@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless an organ's fused score exceeds this (default: the paper's background class)")
     p.add_argument("--prompt-fraction", type=float,
                    help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25; 0 with --init-from)")
+    p.add_argument("--point-aux-steps", type=int,
+                   help="class-bound matching: the first K prompt-generator steps train the auxiliary masks at "
+                        "sampled points, the rest on every pixel; the learning rate restarts at the switch "
+                        "(default 0: every pixel from the start)")
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")

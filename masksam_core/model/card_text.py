@@ -51,10 +51,12 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
                       f"**{mean:.3f}** (step {tr.get('best_step', '?')})."]
     lines += ["", "## Training", ""]
     for key, label in (("command", "command"), ("dataset", "dataset"), ("seed", "seed"),
-                       ("max_steps", "steps"), ("precision", "precision"), ("processes", "processes"),
+                       ("max_steps", "steps"), ("prompt_steps", "of which training the prompt generator alone"),
+                       ("point_aux_steps", "of which with point-sampled auxiliary mask losses"),
+                       ("precision", "precision"), ("processes", "processes"),
                        ("training_time_s", "training time (s)"), ("hardware", "hardware"),
                        ("init_from", "fine-tuned from")):
-        if tr.get(key) not in (None, ""):
+        if tr.get(key) not in (None, "") and not (key == "point_aux_steps" and not tr[key]):
             value = tr[key]
             lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
     if summary:

@@ -45,6 +45,7 @@ class TrainConfig:
     feature_copies: Optional[int] = None  # None: 4 for a new model, 2 when fine-tuning (--init-from)
     prompt_fraction: Optional[float] = None  # None: 0.25 for a new model, 0 when fine-tuning (--init-from)
     max_decoded: int = 6
+    point_aux_steps: int = 0  # class-bound matching: point-sampled auxiliary losses for the first K steps
     background_threshold: Optional[float] = None  # semantic fusion: None = the spec's; t: organ only if score > t
     matching: str = "auto"  # auto: class_bound for the cpu recipe (when N >= C), hungarian otherwise
     augmentation: Dict[str, Any] = field(default_factory=dict)
@@ -99,6 +100,8 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError("--background-threshold must be between 0 and 1")
     if cfg.prompt_fraction is not None and not 0 <= float(cfg.prompt_fraction) < 1:
         raise MaskSAMError("--prompt-fraction must be at least 0 and below 1 (the decoder needs some steps)")
+    if int(cfg.point_aux_steps) < 0:
+        raise MaskSAMError("--point-aux-steps must be 0 or more")
     if cfg.feature_copies is None:
         cfg.feature_copies = 2 if cfg.init_from else 4
     if int(cfg.feature_copies) < 1:

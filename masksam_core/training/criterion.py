@@ -18,7 +18,8 @@ unmatched one against an empty mask (BCE only). Measured on the default model tr
 slices of s1): channels of the organs it found fired on 71-100 % of the slices where their organ is absent (they
 were never shown such slices), and the channels of 8 small organs never fired at all (point-sampled BCE and Dice
 see too few of their pixels), so those organs were never decoded. Mask2Former has neither: there a query has no
-fixed class, and its masks are large.
+fixed class, and its masks are large. ``forward(..., dense_aux=...)`` overrides the mode for one call (the training
+loop's point-sampled start, ``LoopConfig.point_aux_steps``).
 
 The mask and box terms are sums over matched pairs divided by the number of target masks in the batch (mean over
 processes under torch.distributed, at least 1), as in Mask2Former. ``decoded`` (S, N) restricts the class and
@@ -134,7 +135,10 @@ class SetCriterion(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
                 indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                generator: Optional[torch.Generator] = None,
+                dense_aux: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+        """Loss terms (see the module docstring). ``dense_aux`` None: the criterion's own mode."""
+        dense_aux = self.dense_aux if dense_aux is None else bool(dense_aux)
         aux = outputs["aux_mask_logits"]
         aux_boxes = outputs["aux_boxes"]
         n_slices, n_q = aux.shape[:2]
@@ -158,7 +162,7 @@ class SetCriterion(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         # auxiliary masks and boxes: every matched query
         if m:
-            if self.dense_aux:
+            if dense_aux:
                 bce, dice = self._dense_aux_terms(aux, s_idx, q_idx, tgt_masks)
             else:
                 bce, dice = self._mask_terms(aux[s_idx, q_idx], tgt_masks, self.aux_importance_sampling, generator)

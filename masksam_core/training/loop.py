@@ -5,7 +5,11 @@ encoder features), runs MaskSAM, matches predictions to per-slice targets and ap
 criterion. Matching is Hungarian (the spec) or class-bound (query c answers for class c; the CPU recipe, see
 ``matcher.ClassBoundMatcher``). Staging (CPU recipe): for the first ``prompt_steps`` steps only the prompt generator learns (no SAM
 decode); afterwards SAM's decoder runs for the queries matched to a target plus a few unmatched non-empty ones
-(so that "no object" is learned), never for the others.
+(so that "no object" is learned), never for the others. With class-bound matching the auxiliary masks are trained
+on every pixel (``SetCriterion(dense_aux=True)``), except for the first ``point_aux_steps`` steps, which train them
+at importance-sampled points as for Hungarian matching: measured on s1, the point-sampled losses find the large
+organs' channels sooner and the dense ones the vessels and the empty slices, so a run can start with one and
+continue with the other (the prompt stage's learning-rate schedule restarts at the switch).
 
 Everything that decides the run's future (weights, optimizer, step, sampler and augmentation RNG states) is
 checkpointed atomically at each epoch end, so ``--resume`` after a kill continues exactly.
@@ -62,6 +66,16 @@ class LoopConfig:
     loss_weights: Dict[str, float] = field(default_factory=dict)
     background_threshold: Optional[float] = None  # semantic fusion in validation (and in the model card)
     matching: str = "hungarian"  # or "class_bound" (query c <-> class c; CPU recipe)
+    point_aux_steps: int = 0  # class-bound matching: point-sampled auxiliary mask losses before this step
+
+
+def stage_bounds(cfg: "LoopConfig") -> List[int]:
+    """First step of each learning-rate stage after step 0: the switch from point-sampled to dense auxiliary losses
+    (``point_aux_steps``, when it falls inside the prompt stage) and the start of the decoder stage
+    (``prompt_steps``), then ``max_steps``."""
+    inner = [k for k in (cfg.point_aux_steps if cfg.matching == "class_bound" else 0, cfg.prompt_steps)
+             if 0 < k < cfg.max_steps]
+    return sorted(set(inner)) + [cfg.max_steps]
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -69,14 +83,16 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
 
 
 def staged_lr(cfg: "LoopConfig", step: int) -> float:
-    """Poly schedule per stage: the prompt-only stage (``prompt_steps``) and the decoder stage each decay from
-    ``lr`` to 0, so the decoder's adapters, classifier token and class head do not start at the tail of a schedule
-    that the prompt stage has used up. Without staging it is one poly schedule over ``max_steps``."""
-    if 0 < cfg.prompt_steps < cfg.max_steps:
-        if step < cfg.prompt_steps:
-            return poly_lr(cfg.lr, step, cfg.prompt_steps, cfg.poly_power)
-        return poly_lr(cfg.lr, step - cfg.prompt_steps, cfg.max_steps - cfg.prompt_steps, cfg.poly_power)
-    return poly_lr(cfg.lr, step, cfg.max_steps, cfg.poly_power)
+    """Poly schedule per stage (``stage_bounds``): the prompt-only stage (``prompt_steps``) and the decoder stage
+    each decay from ``lr`` to 0, so the decoder's adapters, classifier token and class head do not start at the tail
+    of a schedule that the prompt stage has used up; a point-sampled start (``point_aux_steps``) is a stage of its
+    own. Without staging it is one poly schedule over ``max_steps``."""
+    begin = 0
+    for end in stage_bounds(cfg):
+        if step < end or end == cfg.max_steps:
+            return poly_lr(cfg.lr, step - begin, end - begin, cfg.poly_power)
+        begin = end
+    raise AssertionError("unreachable: the last stage ends at max_steps")
 
 
 def _is_main() -> bool:
@@ -102,6 +118,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.step = 0
+
+    def dense_aux_now(self) -> bool:
+        """Whether this step trains the auxiliary masks on every pixel (class-bound matching, after the
+        point-sampled start) or at sampled points."""
+        return self.cfg.matching == "class_bound" and self.step >= self.cfg.point_aux_steps
 
     # ------------------------------------------------------------------ decode choice
     def _decode_fn(self, targets: List[Dict], gen: torch.Generator, g: int, d: int) -> Callable:
@@ -165,7 +186,7 @@ class Trainer:
         outputs, targets = _drop_ignored(outputs, targets, keep)
         if prompt_only:
             outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
-        losses = self.criterion(outputs, targets, generator=gen)
+        losses = self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
         total = self.criterion.weighted_total(losses)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -140,6 +140,20 @@ def prompt_steps_for(cfg: TrainConfig, max_steps: int, cached: bool) -> int:
     return int(fraction * max_steps)
 
 
+def check_point_aux_steps(loop_cfg: LoopConfig) -> None:
+    """A point-sampled start is a part of the prompt-generator stage of a class-bound run (Hungarian matching
+    samples points throughout)."""
+    k = loop_cfg.point_aux_steps
+    if not k:
+        return
+    if loop_cfg.matching != "class_bound":
+        raise MaskSAMError(f"--point-aux-steps applies to class-bound matching only (this run matches "
+                           f"{loop_cfg.matching}, which trains the auxiliary masks at sampled points throughout)")
+    if k >= loop_cfg.prompt_steps:
+        raise MaskSAMError(f"--point-aux-steps {k} must be below the prompt-generator steps "
+                           f"({loop_cfg.prompt_steps} = --prompt-fraction x the steps)")
+
+
 def check_output(cfg: TrainConfig, out: Path) -> None:
     has_state = (out / STATE_DIR).exists()
     if cfg.resume:
@@ -209,11 +223,6 @@ def run_training(cfg: TrainConfig) -> Dict:
         print(f"MaskSAM training: recipe {recipe} ({'cached frozen-encoder features' if cached else 'full network'}), "
               f"device {device}, precision {'bf16' if amp else 'fp32'}, {len(classes)} classes, "
               f"D={config.slab_depth}, N={config.num_queries}, {world} process(es)", file=sys.stderr, flush=True)
-    source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
-                              seed=cfg.seed, progress=main_proc)
-    if world > 1 and main_proc:
-        dist.barrier()
-
     matching = resolve_matching(cfg.matching, cached, config, base_card)
     background_threshold = cfg.background_threshold
     if background_threshold is None and base_card is not None:
@@ -225,14 +234,21 @@ def run_training(cfg: TrainConfig) -> Dict:
                           prompt_steps=prompt_steps_for(cfg, max_steps, cached),
                           decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
                           max_decoded=cfg.max_decoded if cached else 0, matching=matching,
-                          background_threshold=background_threshold)
+                          background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps))
+    check_point_aux_steps(loop_cfg)
+    source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
+                              seed=cfg.seed, progress=main_proc)
+    if world > 1 and main_proc:
+        dist.barrier()
+
     trainer = Trainer(model, loop_cfg, device, amp)
     params = [p for p in model.parameters() if p.requires_grad]
 
     card_training = {
         "recipe": recipe, "matching": matching, "trained_parts": trained_parts(model),
         "cached_encoder_features": cached,
-        "seed": cfg.seed, "max_steps": max_steps, "precision": "bf16" if amp else "fp32",
+        "seed": cfg.seed, "max_steps": max_steps, "prompt_steps": loop_cfg.prompt_steps,
+        "point_aux_steps": loop_cfg.point_aux_steps, "precision": "bf16" if amp else "fp32",
         "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
     }
