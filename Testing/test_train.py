@@ -418,6 +418,10 @@ def test_point_sampled_start_then_dense_auxiliary_losses(tiny, dataset, tmp_path
     assert modes == [False, False, True, True, True, True, True, True]
     lr = [float(r["lr"]) for r in _log(out) if r["loss"]]
     assert lr[0] == lr[2] == lr[4] == pytest.approx(1e-3) and lr[1] < lr[0] and lr[3] < lr[2]
+    # the prompt-only stage validates the auxiliary masks alone; the decoder stage both
+    val = {int(r["step"]): r for r in _log(out) if r["val_aux_dice_mean"] or r["val_dice_mean"]}
+    assert sorted(val) == [4, 8] and not val[4]["val_dice_mean"] and val[8]["val_dice_mean"]
+    assert val[4]["val_aux_dice_mean"] and val[8]["val_aux_dice_mean"] and "val_aux_dice_liver" in val[4]
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["prompt_steps"] == 4 and card["training"]["point_aux_steps"] == 2
     assert "of which with point-sampled auxiliary mask losses: 2" in (out / "README.md").read_text()
@@ -442,3 +446,28 @@ def test_stage_bounds_with_a_point_sampled_start():
     assert staged_lr(cfg, 40) == pytest.approx(1e-3 * 0.5 ** 0.9)
     hungarian = LoopConfig(max_steps=100, steps_per_epoch=10, prompt_steps=60, point_aux_steps=20)
     assert stage_bounds(hungarian) == [60, 100]
+
+
+def test_validation_scores_each_class_auxiliary_channel():
+    """Class-bound matching: channel k of the auxiliary masks is class k's segmentation; its Dice counts labelled
+    voxels only. Without decoding there is no decoded Dice; Hungarian matching has no class channels."""
+    from masksam_core.model.masksam import MaskSAM
+    from masksam_core.model.recipes import architecture_for_recipe
+    from masksam_core.training.loop import Batch, LoopConfig, Trainer
+
+    model = MaskSAM(tiny_tinyvit_backbone(), architecture_for_recipe("cpu", 3, 2, 4, None))
+    label = torch.zeros(1, 2, 8, 8, dtype=torch.long)
+    label[0, :, 1:3, 1:5] = 1  # 8 voxels per slice
+    label[0, :, 5:7, 2:6] = 2
+    label[0, 1, :, 4:] = 255  # ignored: class 1 keeps 6 voxels there, class 2 keeps 4
+    aux = torch.full((2, 4, 8, 8), -5.0)
+    aux[:, 1, 1:3, 1:5] = 5.0  # exactly class 1 (and class 1's ignored voxels, which do not count)
+    aux[:, 2, 5:7, 2:4] = 5.0  # half of class 2
+    batch = Batch(slab=torch.zeros(1, 1, 2, 8, 8), label=label)
+    for matching, expected in (("class_bound", {1: 1.0, 2: 2 * 8 / (8 + 12)}), ("hungarian", {})):
+        trainer = Trainer(model, LoopConfig(max_steps=1, steps_per_epoch=1, matching=matching),
+                          torch.device("cpu"), None)
+        trainer._forward = lambda batch, decode: {"aux_mask_logits": aux}
+        scores = trainer.validate(iter([batch]), decode=False)
+        assert scores["dice"] == {}
+        assert scores["aux_dice"] == pytest.approx(expected)

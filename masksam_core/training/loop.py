@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..model.masksam import MaskSAM, semantic_probabilities
 from .criterion import SetCriterion
@@ -201,36 +202,43 @@ class Trainer:
         return row
 
     @torch.no_grad()
-    def validate(self, batches: Iterator[Batch]) -> Dict[str, float]:
-        """Dice per class (index >= 1) over all validation voxels (labels != 255), plus their mean."""
+    def validate(self, batches: Iterator[Batch], decode: bool = True) -> Dict[str, Dict[int, float]]:
+        """Dice per class (index >= 1, classes present in the validation data) over all validation voxels
+        (labels != 255): ``"dice"``, of the decoded semantic prediction (when ``decode``; empty otherwise), and, for
+        class-bound matching, ``"aux_dice"``, of each class's own auxiliary-mask channel (logit > 0): the prompt
+        generator's segmentation, which decides what inference decodes (a channel that never fires on its organ's
+        slices leaves that organ unfound), and the only validation there is during the prompt-only stage."""
         self.model.eval()
         c = self.model.num_classes
-        inter = np.zeros(c, np.float64)
-        psum = np.zeros(c, np.float64)
-        tsum = np.zeros(c, np.float64)
+        n_q = self.model.config.num_queries
+        class_bound = self.cfg.matching == "class_bound"
+        counts = {"dice": np.zeros((3, c)), "aux_dice": np.zeros((3, c))}  # rows: intersection, predicted, true
         for batch in batches:
+            g = batch.slab.shape[0]
+            size = tuple(batch.slab.shape[-2:])
             with torch.inference_mode():
-                out = self._forward(batch, decode="nonempty")
-                sem = semantic_probabilities(out, size=batch.slab.shape[-2:],
-                                             background_threshold=self.cfg.background_threshold)
-            pred = sem.argmax(1).cpu().numpy()
-            lab = batch.label.reshape(pred.shape).cpu().numpy()
-            valid = lab != IGNORE
-            for k in range(1, c):
-                p = (pred == k) & valid
-                t = (lab == k) & valid
-                inter[k] += np.logical_and(p, t).sum()
-                psum[k] += p.sum()
-                tsum[k] += t.sum()
-        if dist.is_initialized():
-            stacked = torch.tensor(np.stack([inter, psum, tsum]))
-            dist.all_reduce(stacked)
-            inter, psum, tsum = stacked.numpy()
-        dice = {}
-        for k in range(1, c):
-            if tsum[k] > 0:
-                dice[k] = float(2 * inter[k] / (psum[k] + tsum[k]))
-        return dice
+                out = self._forward(batch, decode="nonempty" if decode else
+                                    torch.zeros(g, n_q, dtype=torch.bool, device=self.device))
+                lab = batch.label.reshape(-1, *size).cpu().numpy()
+                classes = np.arange(c)[None, :, None, None]
+                if decode:
+                    sem = semantic_probabilities(out, size=size, background_threshold=self.cfg.background_threshold)
+                    counts["dice"] += _dice_counts(sem.argmax(1).cpu().numpy()[:, None] == classes, lab)
+                if class_bound:
+                    aux = F.interpolate(out["aux_mask_logits"][:, :c].float(), size=size, mode="bilinear",
+                                        align_corners=False)
+                    counts["aux_dice"] += _dice_counts((aux > 0).cpu().numpy(), lab)
+        wanted = {"dice": decode, "aux_dice": class_bound}
+        result = {}
+        for name, table in counts.items():
+            if dist.is_initialized():
+                table = torch.tensor(table)
+                dist.all_reduce(table)
+                table = table.numpy()
+            inter, psum, tsum = table
+            present = [k for k in range(1, c) if tsum[k] > 0] if wanted[name] else []
+            result[name] = {k: float(2 * inter[k] / (psum[k] + tsum[k])) for k in present}
+        return result
 
     def state(self) -> Dict:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step}
@@ -238,6 +246,15 @@ class Trainer:
     def load(self, state: Dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+
+
+def _dice_counts(pred: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """``pred`` (S, C, H, W) bool, one mask per class; ``lab`` (S, H, W) labels, 255 = ignore -> (3, C):
+    intersection, predicted and true voxel counts per class over the labelled voxels."""
+    valid = (lab != IGNORE)[:, None]
+    truth = lab[:, None] == np.arange(pred.shape[1])[None, :, None, None]
+    pred = pred & valid
+    return np.stack([(pred & truth).sum((0, 2, 3)), pred.sum((0, 2, 3)), truth.sum((0, 2, 3))]).astype(np.float64)
 
 
 def _slice_weights(labels: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ LOG_FILE = "train_log.csv"
 
 
 class TrainingLog:
-    """CSV log with a fixed header: step, epoch, lr, loss, loss terms, val_dice_mean, val_dice_<organ>."""
+    """CSV log with a fixed header: step, epoch, lr, loss, loss terms, val_dice_mean, val_dice_<organ>,
+    val_aux_dice_mean, val_aux_dice_<organ> (the auxiliary masks' Dice; class-bound matching only)."""
 
     def __init__(self, folder: Path, loss_terms: List[str], organs: List[str], resume_step: Optional[int] = None,
                  tensorboard: bool = True) -> None:
         self.path = Path(folder) / LOG_FILE
         self.columns = ["step", "epoch", "lr", "loss"] + list(loss_terms) + ["val_dice_mean"] + \
-                       [f"val_dice_{o}" for o in organs]
+            [f"val_dice_{o}" for o in organs] + ["val_aux_dice_mean"] + [f"val_aux_dice_{o}" for o in organs]
         rows = []
         if resume_step is not None and self.path.exists():
             with self.path.open(newline="") as handle:
@@ -116,7 +117,8 @@ def _round(values: Dict) -> Dict:
 
 
 def plot_curves(log_path: Path, out_png: Path) -> Optional[Path]:
-    """Loss and validation Dice against steps, from the CSV log."""
+    """Loss and validation Dice (decoded masks; auxiliary masks dashed, where logged) against steps, from the CSV
+    log."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,14 +128,18 @@ def plot_curves(log_path: Path, out_png: Path) -> Optional[Path]:
         rows = list(csv.DictReader(handle))
     loss = [(float(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]
     dice = [(float(r["step"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
-    if not loss and not dice:
+    aux = [(float(r["step"]), float(r["val_aux_dice_mean"])) for r in rows if r.get("val_aux_dice_mean")]
+    if not loss and not dice and not aux:
         return None
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     if loss:
         ax[0].plot(*zip(*loss), lw=0.8)
     ax[0].set(xlabel="step", ylabel="training loss", title="loss")
     if dice:
-        ax[1].plot(*zip(*dice), marker="o")
+        ax[1].plot(*zip(*dice), marker="o", label="decoded masks")
+    if aux:
+        ax[1].plot(*zip(*aux), ls="--", marker=".", label="auxiliary masks (prompt generator)")
+        ax[1].legend(loc="lower right", fontsize=8)
     ax[1].set(xlabel="step", ylabel="mean Dice", title="validation Dice", ylim=(0, 1))
     fig.tight_layout()
     tmp = Path(out_png).with_suffix(".tmp.png")

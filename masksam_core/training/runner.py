@@ -301,16 +301,21 @@ def run_training(cfg: TrainConfig) -> Dict:
                 log.write({"step": trainer.step, "epoch": epoch, **row})
             progress.update("train", loss=row["loss"])
             if trainer.step % steps_per_epoch == 0 or trainer.step == max_steps:
-                # the prompt-only stage has no trained decoder yet: its decoded masks say nothing, so no validation
+                # the prompt-only stage has no trained decoder yet: its decoded masks say nothing, so only the
+                # auxiliary masks are validated then (class-bound matching: one channel per class)
                 in_prompt_stage = trainer.step <= loop_cfg.prompt_steps < max_steps
-                dice = trainer.validate(source.val_batches()) if source.has_validation and not in_prompt_stage \
-                    else {}
+                scores = trainer.validate(source.val_batches(), decode=not in_prompt_stage) \
+                    if source.has_validation and (matching == "class_bound" or not in_prompt_stage) else {}
                 if main_proc:
-                    named = {organ_of[k]: v for k, v in dice.items()}
+                    named = {organ_of[k]: v for k, v in scores.get("dice", {}).items()}
+                    aux = {organ_of[k]: v for k, v in scores.get("aux_dice", {}).items()}
                     mean = float(np.mean(list(named.values()))) if named else None
+                    aux_mean = float(np.mean(list(aux.values()))) if aux else None
                     log.write({"step": trainer.step, "epoch": epoch, "val_dice_mean": mean,
-                               **{f"val_dice_{k}": v for k, v in named.items()}})
-                    progress.event("validation", step=trainer.step, dice_mean=mean)  # null: nothing scored
+                               **{f"val_dice_{k}": v for k, v in named.items()}, "val_aux_dice_mean": aux_mean,
+                               **{f"val_aux_dice_{k}": v for k, v in aux.items()}})
+                    progress.event("validation", step=trainer.step, dice_mean=mean,  # null: nothing scored
+                                   aux_dice_mean=aux_mean)
                     extra = {"steps_done": trainer.step, "training_time_s": round(time.time() - start, 1)}
                     improved = mean is None or mean > best["dice_mean"]
                     if improved:
