@@ -283,6 +283,14 @@ def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path):
                    "--steps-per-epoch", "4", "--val-cases", "case02"] + COMMON) == 0
     card = json.loads((tuned / "model.json").read_text())
     assert card["training"]["init_from"] == str(base)
+    # the fine-tuning curve starts with the base model on the held-out data (step 0), in the log, card and summary
+    first = [r for r in _log(tuned) if r["val_dice_mean"]][0]
+    assert first["step"] == "0" and first["val_aux_dice_mean"]
+    before = card["training"]["val_dice_before"]
+    assert before["dice_mean"] == pytest.approx(float(first["val_dice_mean"]), abs=1e-4)
+    summary = json.loads((tuned / "summary.json").read_text())
+    assert summary["dice_mean_before"] == before["dice_mean"] and summary["dice_before"] == before["dice"]
+    assert "before fine-tuning" in (tuned / "README.md").read_text()
     base_card = json.loads((base / "model.json").read_text())
     assert card["training"]["base_training"] == base_card["training"]  # lineage kept
     assert base_card["training"]["command"] in (tuned / "README.md").read_text()

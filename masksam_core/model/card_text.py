@@ -40,15 +40,21 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
                                        f"{card.background_threshold} (the background class's own mask is not used)."),
               ""]
     val = tr.get("val_dice", {}) or {}
-    lines += ["## Classes", "", "| value | name | display name | colour | validation Dice |", "|---|---|---|---|---|"]
+    before = (tr.get("val_dice_before") or {}).get("dice") or {}  # fine-tuning: the base model's, at step 0
+    extra_head, extra_rule = (" before fine-tuning |", "---|") if before else ("", "")
+    lines += ["## Classes", "", f"| value | name | display name | colour | validation Dice |{extra_head}",
+              f"|---|---|---|---|---|{extra_rule}"]
     for c in card.classes:
         colour = "#%02x%02x%02x" % tuple(c.get("color", (0, 0, 0)))
-        lines.append(f"| {c['value']} | {c['name']} | {c.get('display_name', c['name'])} | {colour} | "
-                     f"{_fmt_dice(val.get(c['name']))} |")
+        row = f"| {c['value']} | {c['name']} | {c.get('display_name', c['name'])} | {colour} | " \
+              f"{_fmt_dice(val.get(c['name']))} |"
+        lines.append(row + (f" {_fmt_dice(before.get(c['name']))} |" if before else ""))
     if val:
         mean = sum(val.values()) / len(val)
         lines += ["", f"Mean validation Dice over the {len(val)} classes present in the validation data: "
-                      f"**{mean:.3f}** (step {tr.get('best_step', '?')})."]
+                      f"**{mean:.3f}** (step {tr.get('best_step', '?')})" +
+                  (f"; the base model's on the same data before fine-tuning: "
+                   f"{sum(before.values()) / len(before):.3f}." if before else ".")]
     lines += ["", "## Training", ""]
     for key, label in (("command", "command"), ("dataset", "dataset"), ("seed", "seed"),
                        ("max_steps", "steps"), ("prompt_steps", "of which training the prompt generator alone"),

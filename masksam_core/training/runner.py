@@ -255,6 +255,7 @@ def run_training(cfg: TrainConfig) -> Dict:
     if base_card is not None:  # lineage: the base model's own training record (and, nested, its bases')
         card_training["base_training"] = dict(base_card.training)
     best = {"dice_mean": -1.0, "step": None, "dice": {}}
+    before: Dict = {}  # fine-tuning: the base model's validation Dice, before the first step
     resume_step = None
     if cfg.resume:
         state = load_state(out / STATE_DIR)
@@ -267,6 +268,7 @@ def run_training(cfg: TrainConfig) -> Dict:
             rng = np.random.default_rng([cfg.seed, rank, trainer.step])
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + rank * 7919 + trainer.step)
         best = json.loads(state["best"])
+        before = json.loads(state.get("before", "{}"))
         start -= float(state.get("elapsed_s", 0.0))  # training time counts the interrupted part too
         resume_step = trainer.step
         if main_proc:
@@ -292,6 +294,27 @@ def run_training(cfg: TrainConfig) -> Dict:
                          inference={} if background_threshold is None else
                          {"background_threshold": float(background_threshold)})
 
+    def record_validation(step: int, epoch: int, scores: Dict) -> Tuple[Dict[str, float], Optional[float]]:
+        """Log one validation (CSV, TensorBoard, progress event) -> (Dice per organ, their mean or None)."""
+        named = {organ_of[k]: v for k, v in scores.get("dice", {}).items()}
+        aux = {organ_of[k]: v for k, v in scores.get("aux_dice", {}).items()}
+        mean = float(np.mean(list(named.values()))) if named else None
+        aux_mean = float(np.mean(list(aux.values()))) if aux else None
+        log.write({"step": step, "epoch": epoch, "val_dice_mean": mean,
+                   **{f"val_dice_{k}": v for k, v in named.items()}, "val_aux_dice_mean": aux_mean,
+                   **{f"val_aux_dice_{k}": v for k, v in aux.items()}})
+        progress.event("validation", step=step, dice_mean=mean, aux_dice_mean=aux_mean)  # null: nothing scored
+        return named, mean
+
+    if cfg.init_from and resume_step is None and source.has_validation:
+        # the starting point of a fine-tuning curve: the base model on the held-out data (step 0)
+        scores = trainer.validate(source.val_batches(), decode=True)  # its decoder is trained
+        if main_proc:
+            named, mean = record_validation(0, 0, scores)
+            before = {"dice_mean": mean, "dice": named}
+    if before:
+        card_training["val_dice_before"] = before
+
     try:
         while trainer.step < max_steps:
             batch = source.train_batch(rng, gen)
@@ -307,15 +330,7 @@ def run_training(cfg: TrainConfig) -> Dict:
                 scores = trainer.validate(source.val_batches(), decode=not in_prompt_stage) \
                     if source.has_validation and (matching == "class_bound" or not in_prompt_stage) else {}
                 if main_proc:
-                    named = {organ_of[k]: v for k, v in scores.get("dice", {}).items()}
-                    aux = {organ_of[k]: v for k, v in scores.get("aux_dice", {}).items()}
-                    mean = float(np.mean(list(named.values()))) if named else None
-                    aux_mean = float(np.mean(list(aux.values()))) if aux else None
-                    log.write({"step": trainer.step, "epoch": epoch, "val_dice_mean": mean,
-                               **{f"val_dice_{k}": v for k, v in named.items()}, "val_aux_dice_mean": aux_mean,
-                               **{f"val_aux_dice_{k}": v for k, v in aux.items()}})
-                    progress.event("validation", step=trainer.step, dice_mean=mean,  # null: nothing scored
-                                   aux_dice_mean=aux_mean)
+                    named, mean = record_validation(trainer.step, epoch, scores)
                     extra = {"steps_done": trainer.step, "training_time_s": round(time.time() - start, 1)}
                     improved = mean is None or mean > best["dice_mean"]
                     if improved:
@@ -327,6 +342,7 @@ def run_training(cfg: TrainConfig) -> Dict:
                         write_model_files(model, card, out)
                     save_state(out / STATE_DIR, {"model": model.trainable_state_dict(), "trainer": trainer.state(),
                                                  "rng": rng_state(rng, gen), "best": json.dumps(best),
+                                                 "before": json.dumps(before),
                                                  "elapsed_s": float(time.time() - start)})
                 if world > 1:
                     dist.barrier()
@@ -335,6 +351,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         if log:
             log.close()
     summary = {"best_step": best["step"], "best_dice_mean": best["dice_mean"], "best_dice": best["dice"],
+               **({"dice_mean_before": before["dice_mean"], "dice_before": before["dice"]} if before else {}),
                "steps": trainer.step, "training_time_s": round(time.time() - start, 1), "recipe": recipe,
                "hardware": hardware()}
     if main_proc:
@@ -344,8 +361,12 @@ def run_training(cfg: TrainConfig) -> Dict:
             write_card_readme(out)
         print(f"done: {trainer.step} steps in {summary['training_time_s']:.0f} s; best step {best['step']} "
               f"with mean validation Dice {best['dice_mean']:.3f}", file=sys.stderr)
+        if before:
+            print(f"before fine-tuning (step 0): mean validation Dice "
+                  f"{before['dice_mean'] if before['dice_mean'] is not None else float('nan'):.3f}", file=sys.stderr)
         for organ, value in best["dice"].items():
-            print(f"  {organ:32s} {value:.3f}", file=sys.stderr)
+            print(f"  {organ:32s} {value:.3f}" + (f"  (before: {before['dice'][organ]:.3f})"
+                                                   if organ in before.get("dice", {}) else ""), file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
