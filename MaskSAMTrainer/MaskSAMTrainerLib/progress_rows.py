@@ -4,8 +4,9 @@ The train process prints one JSON object per line on stdout (``masksam_core.trai
 
 - after every step: ``{"stage": "train", "done": <step>, "total": <max steps>, "loss": <float>}``
 - after every validation: ``{"stage": "validation", "done": <step>, "total": ..., "step": <step>,
-  "dice_mean": <float>}``, with ``null`` when no organ could be scored (no validation in the prompt-generator
-  stage; ``NaN``, as older versions wrote it, is read the same way)
+  "dice_mean": <float>, "aux_dice_mean": <float>}``, with ``null`` when no organ could be scored (no decoded masks
+  in the prompt-generator stage; ``NaN``, as older versions wrote it, is read the same way); when fine-tuning, a
+  first one at step 0 scores the base model
 - at the end: ``{"stage": "done", "best_step": ..., "best_dice_mean": ...}``
 
 interleaved with plain log lines. A train line becomes a row ``(step, loss, NaN)``, a validation line a row
