@@ -22,7 +22,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..model.masksam import MaskSAM, semantic_probabilities
 from .criterion import SetCriterion
@@ -213,6 +212,7 @@ class Trainer:
         n_q = self.model.config.num_queries
         class_bound = self.cfg.matching == "class_bound"
         counts = {"dice": np.zeros((3, c)), "aux_dice": np.zeros((3, c))}  # rows: intersection, predicted, true
+        classes = np.arange(c)[None, :, None, None]
         for batch in batches:
             g = batch.slab.shape[0]
             size = tuple(batch.slab.shape[-2:])
@@ -220,14 +220,11 @@ class Trainer:
                 out = self._forward(batch, decode="nonempty" if decode else
                                     torch.zeros(g, n_q, dtype=torch.bool, device=self.device))
                 lab = batch.label.reshape(-1, *size).cpu().numpy()
-                classes = np.arange(c)[None, :, None, None]
                 if decode:
                     sem = semantic_probabilities(out, size=size, background_threshold=self.cfg.background_threshold)
                     counts["dice"] += _dice_counts(sem.argmax(1).cpu().numpy()[:, None] == classes, lab)
-                if class_bound:
-                    aux = F.interpolate(out["aux_mask_logits"][:, :c].float(), size=size, mode="bilinear",
-                                        align_corners=False)
-                    counts["aux_dice"] += _dice_counts((aux > 0).cpu().numpy(), lab)
+                if class_bound:  # auxiliary logits are (G·D, N, S, S): already on the slab's grid
+                    counts["aux_dice"] += _dice_counts((out["aux_mask_logits"][:, :c] > 0).cpu().numpy(), lab)
         wanted = {"dice": decode, "aux_dice": class_bound}
         result = {}
         for name, table in counts.items():
