@@ -80,7 +80,8 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.logTextEdit.append(f"dataset: {len(report['cases'])} cases")
         self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
-                                            self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes)
+                                            self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes,
+                                            holdOut=self.ui.holdOutCheckBox.checked)
         # the logic emptied (or re-created, after a scene close) the curves: show them
         self.ui.plotWidget.setMRMLPlotViewNode(self.logic.curves.ensureNodes())
         self.ui.progressBar.setValue(0)
@@ -153,11 +154,13 @@ class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
     def writeDataset(self, cases, classes, folder, manual=None, ignore_unmapped=False):
         return scene_dataset.write_dataset(cases, classes, folder, manual, ignore_unmapped)
 
-    def startTraining(self, dataset, out, base, steps, device, classes):
-        """Start ``python -m masksam_core.train --progress json`` in the background; the curves start empty."""
+    def startTraining(self, dataset, out, base, steps, device, classes, holdOut=True):
+        """Start ``python -m masksam_core.train --progress json`` in the background; the curves start empty.
+        ``holdOut``: validate on a quarter of each case's slices (``--val-slices auto``), which are not trained on."""
         self.lastOutput = out
         self.curves.reset()
-        cmd = scene_dataset.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes)
+        cmd = scene_dataset.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes,
+                                          val_slices="auto" if holdOut else None)
         return engine_process.EngineRun(lambda _wd: cmd)
 
     def recordLine(self, line):

@@ -92,3 +92,30 @@ def test_default_model_finds_the_organs_on_a_512_grid_at_clinical_spacing(totals
     found = [dice[n] for n in FOUND_ORGANS]  # measured: 0.73-0.92, mean 0.85; all 15: mean 0.49
     assert min(found) > 0.6 and np.mean(found) > 0.75, dice
     assert np.mean(list(dice.values())) > 0.4, dice
+
+
+def test_val_slices_auto_on_s1_is_the_default_models_held_out_split(totalseg_dir: Path, tmp_path):
+    """``--val-slices auto`` (the MaskSAM Trainer's hold-out, bench_finetune's default) holds out, on s1, exactly the
+    slices the default model never trained on, so fine-tuning it on s1 is measured on unseen slices."""
+    from masksam_core.model.folder import load_model
+    from masksam_core.training.config import merge_config
+    from masksam_core.training.data_setup import prepare_data
+
+    root = tmp_path / "s1set"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTr" / "s1_0000.nii.gz").symlink_to(totalseg_dir / "s1_ct.nii.gz")
+    (root / "labelsTr" / "s1.nii.gz").symlink_to(totalseg_dir / "s1_labels.nii.gz")
+    names = json.loads((totalseg_dir / "labels_total.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, **{n: int(v) for v, n in names.items()}},
+        "numTraining": 1, "file_ending": ".nii.gz"}))
+    _, card = load_model(default_model_dir(), device="cpu")
+    trained_with = json.loads((default_model_dir() / "train_config.json").read_text())["val_slices"]
+    splits = []
+    for val_slices in ("auto", trained_with):
+        cfg = merge_config({}, {"data": str(root), "out": str(tmp_path / "m"), "val_slices": val_slices,
+                                "cache_dir": str(tmp_path / "cache")})
+        data = prepare_data(cfg, card.class_names, card.target_spacing, card.normalization, progress=False)
+        splits.append((data.val_z, data.train_z))
+    assert splits[0] == splits[1] and len(splits[0][0]["s1"]) == 24

@@ -144,14 +144,16 @@ def test_trainer_logic_plots_progress_and_resets_on_new_training(capsys, monkeyp
     lines = _train_output(capsys)
     logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "out"), None, 6, "cpu", ["liver"])
     assert started and started[0][1:3] == ["-m", "masksam_core.train"] and "json" in started[0]
+    # by default a quarter of the slices is held out, so the chart shows the Dice before and after
+    assert started[0][started[0].index("--val-slices") + 1] == "auto"
     added = [logic.recordLine(line) for line in lines]
     assert sum(r is not None for r in added) == len(EXPECTED)
     assert logic.curves.tableNode.GetScene() is scene
     _check_nodes(scene, logic.curves)
     _assert_rows(_table_rows(logic.curves.tableNode))
     # decoded progress objects (what the widget passes) give the same rows
-    logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "out2"), None, 6, "cpu", ["liver"])
-    assert logic.curves.rows() == []
+    logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "out2"), None, 6, "cpu", ["liver"], holdOut=False)
+    assert logic.curves.rows() == [] and "--val-slices" not in started[1]
     for line in lines:
         data = progress_rows.parse_line(line)
         if data is not None:

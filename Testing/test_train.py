@@ -229,6 +229,30 @@ def test_val_slices_map_through_physical_space(tmp_path):
     assert cases[0].model_z_for_original({3, 4}) == {6, 7, 8, 9}
 
 
+def test_val_slices_auto_holds_out_one_block_of_six_slices_in_four(tmp_path, capsys):
+    from masksam_core.training.config import merge_config
+    from masksam_core.training.data_setup import auto_validation_slices, prepare_data
+
+    assert auto_validation_slices(18) == set()
+    assert auto_validation_slices(50) == set(range(18, 24)) | set(range(42, 48))
+    norm = {"mode": "ct_window", "window": [-160, 240]}
+    # 12 slices of 6 mm -> 24 model slices of 3 mm: slices 18-23 are held out, the rest trained on
+    root = make_nnunet_dataset(tmp_path / "d", n_cases=2, size=(32, 32, 12), spacing=(3.0, 3.0, 6.0))
+    cfg = merge_config({}, {"data": str(root), "out": str(tmp_path / "m"), "val_slices": "auto",
+                            "cache_dir": str(tmp_path / "c")})
+    data = prepare_data(cfg, None, (3.0, 3.0, 3.0), norm)
+    assert data.val_z == {"case00": set(range(18, 24)), "case01": set(range(18, 24))}
+    assert data.train_z["case00"] == set(range(18)) and data.train_z["case01"] == set(range(18))
+    assert "12 of 48 slices held out" in capsys.readouterr().err
+    # too thin for a block: trained on whole, no validation, and the log says so
+    thin = make_nnunet_dataset(tmp_path / "t", n_cases=1, size=(32, 32, 9), spacing=(3.0, 3.0, 6.0))
+    cfg = merge_config({}, {"data": str(thin), "out": str(tmp_path / "m"), "val_slices": "AUTO",
+                            "cache_dir": str(tmp_path / "c2")})
+    data = prepare_data(cfg, None, (3.0, 3.0, 3.0), norm)
+    assert data.val_z == {} and data.train_z == {"case00": None}
+    assert "training without validation" in capsys.readouterr().err
+
+
 def test_preprocessing_cache_is_reused_and_invalidated(tmp_path):
     from masksam_core.data.cache import build_cache
     from masksam_core.data.dataset import discover_dataset, select_classes
@@ -354,14 +378,21 @@ def test_tensorboard_scalars_are_written_and_purged_on_resume(tmp_path):
     assert [r["step"] for r in resumed.rows()] == ["1", "2", "3", "4"]
 
 
-def test_fine_tuning_caches_fewer_augmented_copies_by_default():
+def test_fine_tuning_defaults_to_one_cached_copy_and_three_decoded_queries():
+    """The fine-tuning defaults that fit 10 minutes on 2 cores (benchmarks/bench_finetune.py); explicit values
+    win, in a config file or on the command line."""
     from masksam_core.training.config import merge_config
 
-    assert merge_config({}, {}).feature_copies == 4
-    assert merge_config({}, {"init_from": "model"}).feature_copies == 2
+    fresh, tuned = merge_config({}, {}), merge_config({}, {"init_from": "model"})
+    assert (fresh.feature_copies, fresh.max_decoded) == (4, 6)
+    assert (tuned.feature_copies, tuned.max_decoded) == (1, 3)
     assert merge_config({"feature_copies": 3}, {"init_from": "model"}).feature_copies == 3
+    assert merge_config({"max_decoded": 5}, {"init_from": "model"}).max_decoded == 5
+    assert merge_config({"max_decoded": 5}, {"init_from": "model", "max_decoded": 0}).max_decoded == 0
     with pytest.raises(MaskSAMError, match="feature-copies"):
         merge_config({}, {"feature_copies": 0})
+    with pytest.raises(MaskSAMError, match="max-decoded"):
+        merge_config({}, {"max_decoded": -1})
     with pytest.raises(MaskSAMError, match="matching"):
         merge_config({"matching": "greedy"}, {})
 

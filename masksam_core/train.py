@@ -2,7 +2,7 @@
 
     python -m masksam_core.train --data DIR --out DIR [--config FILE] [--backbone litemedsam|vit_b|vit_l|vit_h]
         [--sam-checkpoint PATH] [--classes a,b,c] [--init-from MODEL_DIR] [--epochs N | --max-steps N]
-        [--val-cases a,b | --val-fraction F | --val-slices CASE:18-23,42-47] [--resume] [--device auto|cpu|cuda]
+        [--val-cases a,b | --val-fraction F | --val-slices CASE:18-23,42-47|auto] [--resume] [--device auto|cpu|cuda]
         [--seed S] [--recipe auto|cpu|gpu]
 
 DIR is an nnU-Net v2 raw dataset (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json``) or
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_mutually_exclusive_group()
     v.add_argument("--val-cases", help="comma-separated validation case ids")
     v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
-    v.add_argument("--val-slices", help="within-case split, e.g. 's1:18-23,42-47' (original slice indices)")
+    v.add_argument("--val-slices", help="within-case split, e.g. 's1:18-23,42-47' (original slice indices), or "
+                   "'auto': in every case, one block of 6 slices in four at the model's spacing (a quarter)")
     p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--device", help="auto, cpu or cuda")
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case, 1 plain + augmented (default 4; 2 with --init-from)")
-    p.add_argument("--max-decoded", type=int, help="CPU recipe: queries decoded per slab and step (default 6)")
+    p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case, 1 plain + augmented (default 4; 1 with --init-from)")
+    p.add_argument("--max-decoded", type=int, help="CPU recipe: queries decoded per slab and step (default 6; 3 with --init-from; 0: no cap)")
     p.add_argument("--matching", choices=("auto", "hungarian", "class_bound"),
                    help="query-target matching: hungarian (the paper) or class_bound (query c <-> class c); "
                         "auto: class_bound for the cpu recipe")

@@ -3,6 +3,8 @@
 Validation split (one of):
 - ``val_slices`` "CASE:18-23,42-47[;CASE2:...]": a within-case split in the ORIGINAL file's slice indices,
   mapped to model-space slices through physical position (each model slice takes its nearest original slice);
+  ``val_slices`` "auto": in every case, the last block of each four blocks of 6 model-space slices (a quarter of
+  the slices, 18 mm blocks at 3 mm; the split of the example CT's README), whatever the file's orientation;
 - ``val_cases``: whole cases;
 - ``val_fraction``: a seeded random fraction of the cases;
 - none: no validation (the last model is kept).
@@ -49,6 +51,16 @@ def parse_slice_ranges(text: str) -> Dict[str, Set[int]]:
             zs.update(range(lo, hi + 1))
         out[case.strip()] = zs
     return out
+
+
+AUTO_VAL_BLOCK = 6  # --val-slices auto: model-space slices per held-out block
+AUTO_VAL_PERIOD = 4  # one block in four is held out
+
+
+def auto_validation_slices(num_slices: int) -> Set[int]:
+    """``--val-slices auto`` for a case of ``num_slices`` model-space slices: z with (z // 6) % 4 == 3, i.e.
+    18-23, 42-47, 66-71, ... (none for cases of up to 18 slices)."""
+    return {z for z in range(num_slices) if (z // AUTO_VAL_BLOCK) % AUTO_VAL_PERIOD == AUTO_VAL_PERIOD - 1}
 
 
 def pad_value_for(norm: Dict) -> float:
@@ -133,7 +145,19 @@ def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: 
     ids = [c.case_id for c in cases]
     train_z: Dict[str, Optional[Set[int]]] = {cid: None for cid in ids}
     val_z: Dict[str, Set[int]] = {}
-    if cfg.val_slices:
+    if cfg.val_slices and cfg.val_slices.strip().lower() == "auto":
+        for case in cases:
+            mz = auto_validation_slices(case.image.shape[0])
+            if mz:
+                val_z[case.case_id] = mz
+                train_z[case.case_id] = set(range(case.image.shape[0])) - mz
+        if progress:
+            held = sum(len(v) for v in val_z.values())
+            total = sum(c.image.shape[0] for c in cases)
+            print(f"--val-slices auto: {held} of {total} slices held out for validation" if held else
+                  f"--val-slices auto: no case has more than {3 * AUTO_VAL_BLOCK} slices at the model's spacing; "
+                  f"training without validation", file=sys.stderr, flush=True)
+    elif cfg.val_slices:
         ranges = parse_slice_ranges(cfg.val_slices)
         for cid, zs in ranges.items():
             case = next((c for c in cases if c.case_id == cid), None)
