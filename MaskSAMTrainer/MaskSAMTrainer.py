@@ -79,6 +79,8 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc))
             return
         self.ui.logTextEdit.append(f"dataset: {len(report['cases'])} cases")
+        for note in scene_dataset.absent_class_notes(report, classes):
+            self.ui.logTextEdit.append(note)
         self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
                                             self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes,
                                             holdOut=self.ui.holdOutCheckBox.checked)

@@ -86,5 +86,9 @@ def test_scene_to_dataset_with_exact_geometry(tmp_path):
 
     spec = discover_dataset(tmp_path / "ds")
     check_dataset(spec, select_classes(spec, CLASSES))
+    # every class has a segment in this case: nothing to warn about; a class without one is named
+    assert scene_dataset.absent_class_notes(report, CLASSES) == []
+    notes = scene_dataset.absent_class_notes(report, CLASSES + ["aorta", "stomach"])
+    assert len(notes) == 1 and notes[0].startswith("case000 (CT): no segment for aorta, stomach;")
     cmd = scene_dataset.train_command("py", str(tmp_path / "ds"), str(tmp_path / "m"), "/base", 50, "cpu", CLASSES)
     assert "--init-from" in cmd and cmd[cmd.index("--classes") + 1] == "liver,spleen,kidney_left"

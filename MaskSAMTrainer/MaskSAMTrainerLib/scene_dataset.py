@@ -137,6 +137,19 @@ def write_dataset(cases: Sequence[Tuple[object, object]], class_names: Sequence[
     return report
 
 
+def absent_class_notes(report: Dict, class_names: Sequence[str]) -> List[str]:
+    """One line per written case that has no segment for some of the model's classes: those voxels are background
+    in its labelmap, so fine-tuning teaches the model to leave these organs out there (correct it, or add the
+    missing segments, when the organ is in the scan)."""
+    notes = []
+    for case in report.get("cases", []):
+        absent = [c for c in class_names if c not in set(case.get("classes", []))]
+        if absent:
+            notes.append(f"{case['case']} ({case['volume']}): no segment for {', '.join(absent)}; where these "
+                         f"organs are in the scan, fine-tuning learns them as background")
+    return notes
+
+
 def train_command(python: str, dataset: str, out: str, init_from: Optional[str], max_steps: int, device: str,
                   classes: Sequence[str], val_fraction: Optional[float] = None,
                   val_slices: Optional[str] = None) -> List[str]:
