@@ -111,6 +111,12 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if progress.get("stage") == "train" and progress.get("total"):
             self.ui.progressBar.setValue(int(100 * progress.get("done", 0) / progress["total"]))
+        verdict = progress_rows.fine_tuning_verdict(progress)
+        if verdict is not None:
+            message, worse = verdict
+            self.ui.logTextEdit.append(message)
+            if worse:
+                slicer.util.warningDisplay(message, windowTitle="MaskSAM Trainer")
         self.logic.recordProgress(progress)
 
     def finishRun(self):

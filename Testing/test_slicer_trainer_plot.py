@@ -103,6 +103,21 @@ def _table_rows(table):
     return list(zip(step.tolist(), loss.tolist(), dice.tolist()))
 
 
+def test_fine_tuning_verdict_compares_the_held_out_dice_before_and_after():
+    better = progress_rows.fine_tuning_verdict({"stage": "done", "best_step": 40, "best_dice_mean": 0.5071,
+                                                "dice_mean_before": 0.4929})
+    assert better == ("Mean Dice on the held-out slices: 0.493 before fine-tuning, 0.507 after.", False)
+    message, worse = progress_rows.fine_tuning_verdict({"stage": "done", "best_dice_mean": 0.41,
+                                                        "dice_mean_before": 0.49})
+    assert worse and "lowered" in message and "0.490 to 0.410" in message
+    # nothing to compare: no validation (best -1), a new model (no before), not the done line
+    for event in ({"stage": "done", "best_step": None, "best_dice_mean": -1.0, "dice_mean_before": 0.4},
+                  {"stage": "done", "best_step": 6, "best_dice_mean": 0.61},
+                  {"stage": "done", "best_dice_mean": float("nan"), "dice_mean_before": 0.4},
+                  {"stage": "validation", "dice_mean": 0.5, "dice_mean_before": 0.4}, None):
+        assert progress_rows.fine_tuning_verdict(event) is None
+
+
 def test_curves_table_and_chart_in_a_real_scene(capsys):
     scene = slicer.vtkMRMLScene()
     curves = training_plot.TrainingCurves(scene)

@@ -298,13 +298,16 @@ def test_killed_preprocessing_leaves_no_half_entry(tmp_path, monkeypatch):
     assert [c.case_id for c in cases] == ["case00", "case01"]
 
 
-def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path):
+def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path, capsys):
     base = tmp_path / "base"
     assert _train(["--data", str(dataset), "--out", str(base), "--max-steps", "4", "--steps-per-epoch", "4",
                    "--val-cases", "case02"] + COMMON) == 0
     tuned = tmp_path / "tuned"
+    capsys.readouterr()
     assert _train(["--data", str(dataset), "--out", str(tuned), "--init-from", str(base), "--max-steps", "4",
                    "--steps-per-epoch", "4", "--val-cases", "case02"] + COMMON) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the MaskSAM Trainer's verdict reads it
+    assert done["stage"] == "done" and done["dice_mean_before"] is not None and "best_dice_mean" in done
     card = json.loads((tuned / "model.json").read_text())
     assert card["training"]["init_from"] == str(base)
     # the fine-tuning curve starts with the base model on the held-out data (step 0), in the log, card and summary
@@ -314,6 +317,7 @@ def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path):
     assert before["dice_mean"] == pytest.approx(float(first["val_dice_mean"]), abs=1e-4)
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["dice_mean_before"] == before["dice_mean"] and summary["dice_before"] == before["dice"]
+    assert done["dice_mean_before"] == pytest.approx(before["dice_mean"])
     assert "before fine-tuning" in (tuned / "README.md").read_text()
     base_card = json.loads((base / "model.json").read_text())
     assert card["training"]["base_training"] == base_card["training"]  # lineage kept

@@ -86,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary = run_training(cfg)
     if cfg.progress == "json":
-        print(json.dumps({"stage": "done", **{k: summary[k] for k in ("best_step", "best_dice_mean") if k in summary}}))
+        keys = ("best_step", "best_dice_mean", "dice_mean_before")
+        print(json.dumps({"stage": "done", **{k: summary[k] for k in keys if k in summary}}))
     return 0
 
 

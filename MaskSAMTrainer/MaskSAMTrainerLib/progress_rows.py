@@ -7,7 +7,8 @@ The train process prints one JSON object per line on stdout (``masksam_core.trai
   "dice_mean": <float>, "aux_dice_mean": <float>}``, with ``null`` when no organ could be scored (no decoded masks
   in the prompt-generator stage; ``NaN``, as older versions wrote it, is read the same way); when fine-tuning, a
   first one at step 0 scores the base model
-- at the end: ``{"stage": "done", "best_step": ..., "best_dice_mean": ...}``
+- at the end: ``{"stage": "done", "best_step": ..., "best_dice_mean": ...}``, with ``"dice_mean_before"`` (the
+  base model's) when fine-tuning with validation
 
 interleaved with plain log lines. A train line becomes a row ``(step, loss, NaN)``, a validation line a row
 ``(step, NaN, dice_mean)``; everything else (including a validation without any Dice) gives no row.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 NAN = float("nan")
 
@@ -60,6 +61,20 @@ def row_from_progress(data: Dict[str, Any]) -> Optional[PlotRow]:
             return None
         return PlotRow(step, NAN, dice)
     return None
+
+
+def fine_tuning_verdict(done: Dict[str, Any]) -> Optional[Tuple[str, bool]]:
+    """(message, worse) from the train process's ``done`` object: the held-out Dice of the base model and of the
+    tuned one, ``worse`` when fine-tuning lowered it; None without both numbers (no validation, or not fine-tuning)."""
+    if not isinstance(done, dict) or done.get("stage") != "done":
+        return None
+    before, after = _number(done.get("dice_mean_before")), _number(done.get("best_dice_mean"))
+    if before is None or after is None or math.isnan(before) or math.isnan(after) or after < 0:
+        return None
+    if after < before:
+        return (f"Fine-tuning lowered the mean Dice on the held-out slices from {before:.3f} to {after:.3f}: keep "
+                f"using the base model, or train with more or better-corrected cases.", True)
+    return f"Mean Dice on the held-out slices: {before:.3f} before fine-tuning, {after:.3f} after.", False
 
 
 def parse_line(line: str) -> Optional[Dict[str, Any]]:
