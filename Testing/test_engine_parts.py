@@ -61,3 +61,29 @@ def test_allocator_tuning_is_applied_once_and_harmless():
 
         if platform.libc_ver()[0] == "glibc":
             assert first is True
+
+
+def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
+    """Organ volumes come from the labelmap on the input grid, counted in chunks of slices (exactly)."""
+    from types import SimpleNamespace
+
+    import SimpleITK as sitk
+
+    from masksam_core.inference.engine import InferenceOptions, _sidecar
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 3, (37, 20, 30)).astype(np.uint8)  # 37 slices: not a multiple of the chunk
+    arr[arr == 2] = 0
+    arr[5:9, 2:4, 3:7] = 2
+    out = sitk.GetImageFromArray(arr)
+    out.SetSpacing((0.5, 2.0, 1.5))
+    classes = [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}, {"value": 3, "name": "aorta"}]
+    card = SimpleNamespace(classes=classes, labels=lambda: {0: "background", 1: "liver", 2: "spleen", 3: "aorta"},
+                           identity=lambda: {"name": "m"})
+    labels_model = np.array([[[1, 2]]], np.uint8)
+    info = _sidecar(out, labels_model, np.array([[[0.75, 0.5]]], np.float32), card, InferenceOptions(), 1.0)
+    assert set(info["organs"]) == {"liver", "spleen"}  # no aorta voxel: not listed
+    assert info["organs"]["liver"]["voxels"] == int((arr == 1).sum())
+    assert info["organs"]["spleen"]["voxels"] == 4 * 2 * 4
+    assert info["organs"]["spleen"]["volume_ml"] == pytest.approx(32 * 1.5 / 1000)
+    assert info["organs"]["liver"]["confidence"] == pytest.approx(0.75)

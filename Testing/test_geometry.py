@@ -270,6 +270,23 @@ def test_resample_to_reference_keeps_the_input_pixel_type():
     assert set(np.unique(sitk.GetArrayFromImage(out))) == {0, 1}
 
 
+@pytest.mark.parametrize("name", ["lps", "oblique_axial", "ras_nifti", "permuted_flipped"])
+def test_model_space_of_an_integer_image_in_float_equals_casting_first(name):
+    """The engine resamples integer CTs straight to float32 (``pixel_type``) instead of casting the full-resolution
+    volume first, and does not copy an image that already lies on LPS axes ("lps", "oblique_axial"): both give
+    exactly what casting and reorienting first gave."""
+    rng = np.random.default_rng(3)
+    src = _grid_image(name, lambda img: rng.integers(-1024, 2000, sitk.GetArrayViewFromImage(img).shape),
+                      sitk.sitkInt16)
+    direct = to_model_space(src, MODEL_SPACING, sitk.sitkLinear, default_value=-1024.0, pixel_type=sitk.sitkFloat32)
+    cast_first = sitk.Resample(sitk.DICOMOrient(sitk.Cast(src, sitk.sitkFloat32), "LPS"), direct, sitk.Transform(),
+                               sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    assert direct.GetPixelID() == sitk.sitkFloat32 and same_grid(direct, cast_first, tol=1e-12)
+    assert np.array_equal(sitk.GetArrayViewFromImage(direct), sitk.GetArrayViewFromImage(cast_first))
+    _check_model_grid(src, direct, MODEL_SPACING)
+    assert to_model_space(src, MODEL_SPACING, sitk.sitkNearestNeighbor).GetPixelID() == sitk.sitkInt16
+
+
 def test_to_model_space_edge_cases():
     thin = _grid_image("lps")[:, :, :1]  # one slice of 2.5 mm resampled to 3 mm: still one slice
     assert to_model_space(thin, MODEL_SPACING).GetSize()[2] == 1

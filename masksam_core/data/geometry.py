@@ -15,14 +15,16 @@ from ..errors import ModelError
 
 
 def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator=sitk.sitkLinear,
-                   default_value: float = 0.0) -> sitk.Image:
+                   default_value: float = 0.0, pixel_type: Optional[int] = None) -> sitk.Image:
     """Reorient ``image`` to LPS axes (``sitk.DICOMOrient``) and resample it to ``spacing_xyz`` (mm).
 
-    Reorientation only permutes and flips axes (an oblique image stays oblique). The output covers the same
-    physical extent: the direction of the reoriented image, the same outer corner of the first voxel, and
-    ``size = max(1, round(size * old_spacing / new_spacing))`` per axis. Points of the new grid that fall just
-    outside the old extent (rounding) get ``default_value``. The pixel type is kept: cast integer images to
-    float first when using linear interpolation.
+    Reorientation only permutes and flips axes (an oblique image stays oblique); an image already on LPS axes is
+    not copied for it. The output covers the same physical extent: the direction of the reoriented image, the
+    same outer corner of the first voxel, and ``size = max(1, round(size * old_spacing / new_spacing))`` per
+    axis. Points of the new grid that fall just outside the old extent (rounding) get ``default_value``. The
+    output has ``pixel_type`` (a ``sitk.sitkFloat32``-style id), by default the input's: ask for a float type to
+    interpolate an integer image linearly (the filter interpolates in double precision, so this equals casting
+    first, without the full-resolution float copy).
     """
     try:
         new_spacing = np.array([float(s) for s in spacing_xyz], float)
@@ -30,7 +32,8 @@ def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator
         new_spacing = np.zeros(0)
     if new_spacing.shape != (3,) or not np.all(np.isfinite(new_spacing)) or np.any(new_spacing <= 0):
         raise ModelError(f"target spacing must be three positive numbers, got {list(spacing_xyz)}")
-    oriented = sitk.DICOMOrient(image, "LPS")
+    lps = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "LPS"
+    oriented = image if lps else sitk.DICOMOrient(image, "LPS")
     old_size = np.array(oriented.GetSize(), float)
     old_spacing = np.array(oriented.GetSpacing(), float)
     new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
@@ -40,7 +43,8 @@ def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator
     new_origin = corner + direction @ (new_spacing / 2.0)
     return sitk.Resample(oriented, [int(v) for v in new_size], sitk.Transform(), interpolator,
                          [float(v) for v in new_origin], [float(v) for v in new_spacing],
-                         oriented.GetDirection(), float(default_value), oriented.GetPixelID())
+                         oriented.GetDirection(), float(default_value),
+                         oriented.GetPixelID() if pixel_type is None else pixel_type)
 
 
 def resample_to_reference(image: sitk.Image, reference: sitk.Image, interpolator=sitk.sitkNearestNeighbor,

@@ -251,7 +251,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
         spacing[2] *= 1.5
     if progress:
         progress("preprocess", 0, 1)
-    work = to_model_space(sitk.Cast(image, sitk.sitkFloat32), spacing, sitk.sitkLinear,
+    work = to_model_space(image, spacing, sitk.sitkLinear, pixel_type=sitk.sitkFloat32,
                           default_value=float(np.min(sitk.GetArrayViewFromImage(image))))
     raw = sitk.GetArrayFromImage(work)  # (z, y, x)
     norm_spec = card.normalization
@@ -310,7 +310,9 @@ def _check_image(image: sitk.Image) -> None:
 def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, card: ModelCard,
              options: InferenceOptions, runtime: float) -> Dict:
     arr = sitk.GetArrayViewFromImage(out)
-    counts = np.bincount(arr.ravel(), minlength=len(card.classes) + 1)
+    counts = np.zeros(max(len(card.classes) + 1, 256), np.int64)
+    for z in range(0, arr.shape[0], 16):  # bincount widens to int64: in chunks, not 8 bytes per output voxel
+        counts += np.bincount(arr[z:z + 16].ravel(), minlength=counts.size)
     voxel_ml = float(np.prod(out.GetSpacing())) / 1000.0
     organs = {}
     for entry in card.classes:
