@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "masksam_core" / "models" / "default"),
                     help="model folder to fine-tune (default: the bundled default model)")
     ap.add_argument("--data", help="nnU-Net v2 or MSD dataset folder (default: the shared example CT)")
-    ap.add_argument("--val-slices", default=None,
+    ap.add_argument("--val-slices", default=DEFAULT_VAL_SLICES,
                     help=f"held-out slices, CASE:SPEC or auto (default: {DEFAULT_VAL_SLICES})")
     ap.add_argument("--steps", type=int, default=40, help="training steps (default 40, the MaskSAM Trainer's)")
     ap.add_argument("--steps-per-epoch", type=int,
@@ -107,15 +107,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="masksam_bench_ft_") as tmp:
         work = Path(args.work or tmp)
         data = Path(args.data) if args.data else totalseg_example_dataset(work / "data")
-        val_slices = args.val_slices or DEFAULT_VAL_SLICES
         out = work / "tuned"
         cmd = [sys.executable, "-m", "masksam_core.train", "--data", str(data), "--out", str(out), "--init-from",
                args.model, "--max-steps", str(args.steps), "--cache-dir", str(work / "cache"), "--progress", "json",
-               "--overwrite", "--val-slices", val_slices] + \
+               "--overwrite", "--val-slices", args.val_slices] + \
             (["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []) + list(args.extra)
         result = run_fine_tuning(cmd)
         print(json.dumps({"bench": "finetune", "model": args.model, "data": str(args.data or "totalseg-example s1"),
-                          "val_slices": val_slices, "max_steps": args.steps, **result}), flush=True)
+                          "val_slices": args.val_slices, "max_steps": args.steps, **result}), flush=True)
 
 
 if __name__ == "__main__":

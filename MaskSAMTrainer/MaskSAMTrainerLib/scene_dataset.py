@@ -143,7 +143,8 @@ def absent_class_notes(report: Dict, class_names: Sequence[str]) -> List[str]:
     missing segments, when the organ is in the scan)."""
     notes = []
     for case in report.get("cases", []):
-        absent = [c for c in class_names if c not in set(case.get("classes", []))]
+        present = set(case.get("classes", []))
+        absent = [c for c in class_names if c not in present]
         if absent:
             notes.append(f"{case['case']} ({case['volume']}): no segment for {', '.join(absent)}; where these "
                          f"organs are in the scan, fine-tuning learns them as background")

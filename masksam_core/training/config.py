@@ -103,7 +103,7 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
     if int(cfg.point_aux_steps) < 0:
         raise MaskSAMError("--point-aux-steps must be 0 or more")
     # Fine-tuning defaults (measured with benchmarks/bench_finetune.py on s1's 88 training slices, 40 steps):
-    # one cached copy and 3 decoded queries per step take the tuned model from command to file in 8.8 min on
+    # one cached copy and 3 decoded queries per step take the tuned model from command to file in 7.9-8.8 min on
     # 2 cores, with a larger held-out Dice gain than 2 copies and 6 queries, which took 17 min for 60 steps.
     if cfg.feature_copies is None:
         cfg.feature_copies = 1 if cfg.init_from else 4
