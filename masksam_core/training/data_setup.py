@@ -155,8 +155,8 @@ def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: 
             held = sum(len(v) for v in val_z.values())
             total = sum(c.image.shape[0] for c in cases)
             print(f"--val-slices auto: {held} of {total} slices held out for validation" if held else
-                  f"--val-slices auto: no case has more than {(AUTO_VAL_PERIOD - 1) * AUTO_VAL_BLOCK} slices at the model's spacing; "
-                  f"training without validation", file=sys.stderr, flush=True)
+                  f"--val-slices auto: no case has more than {(AUTO_VAL_PERIOD - 1) * AUTO_VAL_BLOCK} slices at "
+                  f"the model's spacing; training without validation", file=sys.stderr, flush=True)
     elif cfg.val_slices:
         ranges = parse_slice_ranges(cfg.val_slices)
         for cid, zs in ranges.items():
