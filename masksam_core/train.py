@@ -18,7 +18,7 @@ import json
 from typing import Optional, Sequence
 
 from .cli_util import run_cli
-from .training.config import TrainConfig, merge_config, read_config_file
+from .training.config import AUX_BCE_MODES, TrainConfig, merge_config, read_config_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-bound matching: the first K prompt-generator steps train the auxiliary masks at "
                         "sampled points, the rest on every pixel; the learning rate restarts at the switch "
                         "(default 0: every pixel from the start)")
+    p.add_argument("--aux-bce", choices=AUX_BCE_MODES,
+                   help="class-bound matching: BCE of the auxiliary masks on every pixel, a plain mean over each "
+                        "slice (mean) or half on the organ's pixels and half on the rest (balanced; small organs "
+                        "fire sooner) (default mean)")
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")

@@ -59,10 +59,11 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
     for key, label in (("command", "command"), ("dataset", "dataset"), ("seed", "seed"),
                        ("max_steps", "steps"), ("prompt_steps", "of which training the prompt generator alone"),
                        ("point_aux_steps", "of which with point-sampled auxiliary mask losses"),
+                       ("aux_bce", "auxiliary mask BCE on every pixel"),
                        ("precision", "precision"), ("processes", "processes"),
                        ("training_time_s", "training time (s)"), ("hardware", "hardware"),
                        ("init_from", "fine-tuned from")):
-        if tr.get(key) not in (None, "") and not (key == "point_aux_steps" and not tr[key]):
+        if tr.get(key) not in (None, "", "mean") and not (key == "point_aux_steps" and not tr[key]):
             value = tr[key]
             lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
     if summary:

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import MaskSAMError
 
+AUX_BCE_MODES = ("mean", "balanced")  # dense auxiliary BCE of class-bound matching (SetCriterion.aux_bce)
+
 
 @dataclass
 class TrainConfig:
@@ -46,6 +48,7 @@ class TrainConfig:
     prompt_fraction: Optional[float] = None  # None: 0.25 for a new model, 0 when fine-tuning (--init-from)
     max_decoded: Optional[int] = None  # None: 6 for a new model, 3 when fine-tuning (--init-from); 0: no cap
     point_aux_steps: int = 0  # class-bound matching: point-sampled auxiliary losses for the first K steps
+    aux_bce: str = "mean"  # class-bound matching: dense auxiliary BCE, "mean" or "balanced" (organ vs background)
     background_threshold: Optional[float] = None  # semantic fusion: None = the spec's; t: organ only if score > t
     matching: str = "auto"  # auto: class_bound for the cpu recipe (when N >= C), hungarian otherwise
     augmentation: Dict[str, Any] = field(default_factory=dict)
@@ -102,6 +105,8 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError("--prompt-fraction must be at least 0 and below 1 (the decoder needs some steps)")
     if int(cfg.point_aux_steps) < 0:
         raise MaskSAMError("--point-aux-steps must be 0 or more")
+    if cfg.aux_bce not in AUX_BCE_MODES:
+        raise MaskSAMError(f"--aux-bce must be one of {', '.join(AUX_BCE_MODES)}, not {cfg.aux_bce!r}")
     # Fine-tuning defaults (measured with benchmarks/bench_finetune.py on s1's 88 training slices, 40 steps):
     # one cached copy and 3 decoded queries per step take the tuned model from command to file in 7.9-8.8 min on
     # 2 cores, with a larger held-out Dice gain than 2 copies and 6 queries, which took 17 min for 60 steps.

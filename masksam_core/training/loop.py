@@ -67,6 +67,7 @@ class LoopConfig:
     background_threshold: Optional[float] = None  # semantic fusion in validation (and in the model card)
     matching: str = "hungarian"  # or "class_bound" (query c <-> class c; CPU recipe)
     point_aux_steps: int = 0  # class-bound matching: point-sampled auxiliary mask losses before this step
+    aux_bce: str = "mean"  # dense auxiliary BCE: "mean" over each slice's pixels or "balanced" organ/background
 
 
 def stage_bounds(cfg: "LoopConfig") -> List[int]:
@@ -112,7 +113,7 @@ class Trainer:
         c = model.num_classes
         self.matcher = make_matcher(cfg.matching, cfg.num_points)
         self.criterion = SetCriterion(num_classes=c, matcher=self.matcher, num_points=cfg.num_points,
-                                      dense_aux=cfg.matching == "class_bound",
+                                      dense_aux=cfg.matching == "class_bound", aux_bce=cfg.aux_bce,
                                       **({"weight_dict": {**SetCriterion.default_weights(), **cfg.loss_weights}}
                                          if cfg.loss_weights else {}))
         params = [p for p in model.parameters() if p.requires_grad]

@@ -140,9 +140,12 @@ def prompt_steps_for(cfg: TrainConfig, max_steps: int, cached: bool) -> int:
     return int(fraction * max_steps)
 
 
-def check_point_aux_steps(loop_cfg: LoopConfig) -> None:
-    """A point-sampled start is a part of the prompt-generator stage of a class-bound run (Hungarian matching
-    samples points throughout)."""
+def check_aux_options(loop_cfg: LoopConfig) -> None:
+    """A point-sampled start is a part of the prompt-generator stage of a class-bound run, and a balanced BCE
+    weighs class-bound dense auxiliary losses (Hungarian matching samples points throughout)."""
+    if loop_cfg.aux_bce != "mean" and loop_cfg.matching != "class_bound":
+        raise MaskSAMError(f"--aux-bce {loop_cfg.aux_bce} applies to class-bound matching only (this run matches "
+                           f"{loop_cfg.matching}, which trains the auxiliary masks at sampled points throughout)")
     k = loop_cfg.point_aux_steps
     if not k:
         return
@@ -234,8 +237,9 @@ def run_training(cfg: TrainConfig) -> Dict:
                           prompt_steps=prompt_steps_for(cfg, max_steps, cached),
                           decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
                           max_decoded=cfg.max_decoded if cached else 0, matching=matching,
-                          background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps))
-    check_point_aux_steps(loop_cfg)
+                          background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps),
+                          aux_bce=cfg.aux_bce)
+    check_aux_options(loop_cfg)
     source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
                               seed=cfg.seed, progress=main_proc)
     if world > 1 and main_proc:
@@ -248,7 +252,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         "recipe": recipe, "matching": matching, "trained_parts": trained_parts(model),
         "cached_encoder_features": cached,
         "seed": cfg.seed, "max_steps": max_steps, "prompt_steps": loop_cfg.prompt_steps,
-        "point_aux_steps": loop_cfg.point_aux_steps, "precision": "bf16" if amp else "fp32",
+        "point_aux_steps": loop_cfg.point_aux_steps, "aux_bce": loop_cfg.aux_bce, "precision": "bf16" if amp else "fp32",
         "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
     }
