@@ -231,3 +231,46 @@ def test_dense_aux_terms_cover_every_pixel_and_every_class_channel():
     lp = plain(aux_only, targets, generator=gen())
     for name in ("loss_bbox", "loss_giou"):
         assert losses[name].item() == pytest.approx(lp[name].item()), name
+
+
+def test_balanced_dense_aux_bce_weighs_organ_and_background_halves():
+    """aux_bce="balanced": a matched channel's BCE is the mean of its organ-pixel and background-pixel averages,
+    an absent class's channel keeps the plain mean; Dice and the box terms are those of the plain mode. A small
+    organ that the channel misses costs far more than under the plain mean."""
+    from masksam_core.training.matcher import ClassBoundMatcher
+
+    targets = [make_targets(64)]
+    n_q = C + 2
+    present = targets[0]["labels"].tolist()
+    out = random_outputs(s_n=1, n_q=n_q)
+    aux_only = {k: out[k] for k in ("aux_mask_logits", "aux_boxes")}
+    balanced = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500, dense_aux=True, aux_bce="balanced")
+    plain = SetCriterion(C, matcher=ClassBoundMatcher(), num_points=500, dense_aux=True)
+    losses, reference = balanced(aux_only, targets, generator=gen()), plain(aux_only, targets, generator=gen())
+    logits = out["aux_mask_logits"].detach()[0]
+    target = torch.zeros_like(logits)
+    for j, c in enumerate(present):
+        target[c] = targets[0]["masks"][j]
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    expected = 0.0
+    for q in range(n_q):
+        pos, neg = target[q] > 0, target[q] == 0
+        if q in present:
+            assert 0 < pos.sum() < pos.numel()
+            expected += 0.5 * (per_pixel[q][pos].mean() + per_pixel[q][neg].mean()).item()
+        else:
+            expected += per_pixel[q].mean().item()
+    k = len(present)
+    assert losses["loss_aux_mask"].item() == pytest.approx(expected / k, rel=1e-5)
+    for name in ("loss_aux_dice", "loss_bbox", "loss_giou"):
+        assert losses[name].item() == pytest.approx(reference[name].item(), rel=1e-6), name
+    # a 2x2 organ in a 64x64 slice, predicted empty: the balanced BCE sees the miss, the plain mean hardly does
+    small = {"labels": torch.tensor([0]), "masks": torch.zeros(1, 64, 64)}
+    small["masks"][0, 30:32, 30:32] = 1
+    small["boxes"] = torch.tensor([[30 / 64, 30 / 64, 32 / 64, 32 / 64]])
+    empty = {"aux_mask_logits": torch.full((1, n_q, 64, 64), -10.0), "aux_boxes": aux_only["aux_boxes"].detach()}
+    miss_balanced = balanced(empty, [small], generator=gen())["loss_aux_mask"].item()
+    miss_plain = plain(empty, [small], generator=gen())["loss_aux_mask"].item()
+    assert miss_balanced == pytest.approx(0.5 * 10, rel=1e-2) and miss_plain < 0.05
+    with pytest.raises(ValueError, match="aux_bce"):
+        SetCriterion(C, aux_bce="weighted")

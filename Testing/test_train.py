@@ -443,22 +443,24 @@ def test_class_bound_training_uses_dense_auxiliary_terms():
 
 def test_point_sampled_start_then_dense_auxiliary_losses(tiny, dataset, tmp_path, monkeypatch):
     """--point-aux-steps K: class-bound steps before K train the auxiliary masks at sampled points, later ones on
-    every pixel; the learning rate restarts at K and at the decoder stage; the card records both stages."""
+    every pixel (here with --aux-bce balanced); the learning rate restarts at K and at the decoder stage; the card
+    records both stages and the BCE mode."""
     from masksam_core.training import criterion
 
-    modes = []
+    modes, bce_modes = [], set()
     original = criterion.SetCriterion.forward
 
     def spy(self, outputs, targets, indices=None, generator=None, dense_aux=None):
         modes.append(self.dense_aux if dense_aux is None else dense_aux)
+        bce_modes.add(self.aux_bce)
         return original(self, outputs, targets, indices, generator, dense_aux)
 
     monkeypatch.setattr(criterion.SetCriterion, "forward", spy)
     out = tmp_path / "model"
     assert _train(["--data", str(dataset), "--out", str(out), "--max-steps", "8", "--steps-per-epoch", "4",
                    "--prompt-fraction", "0.5", "--point-aux-steps", "2", "--lr", "1e-3", "--val-cases", "case02",
-                   "--precision", "fp32"] + COMMON) == 0
-    assert modes == [False, False, True, True, True, True, True, True]
+                   "--precision", "fp32", "--aux-bce", "balanced"] + COMMON) == 0
+    assert modes == [False, False, True, True, True, True, True, True] and bce_modes == {"balanced"}
     lr = [float(r["lr"]) for r in _log(out) if r["loss"]]
     assert lr[0] == lr[2] == lr[4] == pytest.approx(1e-3) and lr[1] < lr[0] and lr[3] < lr[2]
     # the prompt-only stage validates the auxiliary masks alone; the decoder stage both
@@ -468,14 +470,26 @@ def test_point_sampled_start_then_dense_auxiliary_losses(tiny, dataset, tmp_path
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["prompt_steps"] == 4 and card["training"]["point_aux_steps"] == 2
     assert "of which with point-sampled auxiliary mask losses: 2" in (out / "README.md").read_text()
+    assert card["training"]["aux_bce"] == "balanced"
+    assert "auxiliary mask BCE on every pixel: balanced" in (out / "README.md").read_text()
     # a switch outside the prompt stage, or with Hungarian matching, is refused before any work
     for extra, message in ((["--point-aux-steps", "4"], "must be below the prompt-generator steps"),
                            (["--point-aux-steps", "2", "--matching", "hungarian"], "class-bound matching only"),
-                           (["--point-aux-steps", "-1"], "0 or more")):
+                           (["--point-aux-steps", "-1"], "0 or more"),
+                           (["--aux-bce", "balanced", "--matching", "hungarian"], "class-bound matching only")):
         with pytest.raises(MaskSAMError, match=message):
             _train(["--data", str(dataset), "--out", str(tmp_path / "bad"), "--max-steps", "8",
                     "--prompt-fraction", "0.5"] + extra + COMMON)
         assert not (tmp_path / "bad").exists()
+
+
+def test_aux_bce_option_reaches_the_criterion_and_rejects_unknown_modes():
+    from masksam_core.training.config import merge_config
+
+    assert merge_config({}, {}).aux_bce == "mean"
+    assert merge_config({"aux_bce": "balanced"}, {}).aux_bce == "balanced"
+    with pytest.raises(MaskSAMError, match="--aux-bce must be one of mean, balanced"):
+        merge_config({"aux_bce": "weighted"}, {})
 
 
 def test_stage_bounds_with_a_point_sampled_start():
