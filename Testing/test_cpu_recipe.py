@@ -181,6 +181,24 @@ def test_engine_gives_the_same_labels_with_openvino_and_torch(model, tmp_path, m
     assert (runs["torch"].argmax(0) == runs["openvino"].argmax(0)).mean() > 0.999
 
 
+@openvino_missing
+def test_openvino_keeps_compiled_kernels_apart_per_precision(model, tmp_path):
+    """An IR compiled for f32, then bf16, then f32 again from one cache folder gives each precision's network.
+    Sharing one compiled-kernel cache, OpenVINO returned NaN for the bf16 compilation on 2 AMX cores, and the
+    bundled model's f32 compilation after a bf16 one gave s1 a mean Dice of 0.11 instead of 0.50."""
+    from masksam_core.inference.openvino_runtime import OpenVINOEncoder
+
+    x = torch.randn(2, 3, model.input_size, model.input_size)
+    with torch.inference_mode():
+        ref = model.encoder(x)
+    for bf16, tolerance in ((False, 1e-4), (True, 0.1), (False, 1e-4)):
+        got = OpenVINOEncoder(model.encoder, model.input_size, threads=1, bf16=bf16, cache_root=tmp_path)(x)
+        for g, r in zip(got, ref):
+            assert float((g - r).abs().max()) <= tolerance * float(r.abs().max()), f"bf16={bf16}"
+    (folder,) = tmp_path.iterdir()
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == {"compiled-f32", "compiled-bf16"}
+
+
 def _decoder_inputs(model, groups: int, gen: torch.Generator) -> tuple:
     """Random decoder inputs for ``groups`` (slab, query) groups of D items: embeddings, PE, sparse and dense
     prompt embeddings, classifier tokens."""

@@ -71,7 +71,8 @@ class OpenVINOModel:
     """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
 
     The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>"``; OpenVINO's compiled kernels in
-    its ``compiled`` subfolder. Subclasses give the example inputs and call the compiled model.
+    its ``compiled-f32`` or ``compiled-bf16`` subfolder. Subclasses give the example inputs and call the compiled
+    model.
     """
 
     kind = "model"
@@ -88,8 +89,12 @@ class OpenVINOModel:
             self._convert(module, example_inputs, root)
         core = ov.Core()
         self.streams = max(1, min(int(streams), int(threads)))
-        config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-                  "CACHE_DIR": str(self.folder / "compiled")}
+        # One compiled-kernel cache per precision: OpenVINO (2026.4, 2 AMX cores, measured) reused an f32 blob for
+        # a bf16 compilation of the same IR and returned NaN, and the bundled model's IRs compiled for bf16 first
+        # gave s1 a mean Dice of 0.11 instead of 0.50 when compiled for f32 later.
+        precision = "bf16" if bf16 else "f32"
+        config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": precision,
+                  "CACHE_DIR": str(self.folder / f"compiled-{precision}")}
         if self.streams > 1:  # several calls at once, each on threads / streams cores
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
         else:
