@@ -49,7 +49,7 @@ class InferenceOptions:
     prune_empty_queries: do not run SAM's decoder for queries whose auxiliary mask is empty on the whole slab.
     skip_outside_body: crop to the body (CT) before segmenting.
     cleanup: keep only the largest connected component of each organ.
-    precision: "auto" (bf16 where the CPU or GPU supports it), "bf16" or "fp32".
+    precision: "auto" (bf16 on CUDA, fp32 on the CPU: see ``autocast_dtype``), "bf16" or "fp32".
     background_threshold: semantic-fusion background threshold; None takes the model card's setting.
     runtime: the runtime of the frozen per-slice encoder, the prompt generator and SAM's decoder on the CPU: "auto"
         (OpenVINO when installed, else torch), "torch" or "openvino" (see ``openvino_runtime.py``).
@@ -87,14 +87,17 @@ def cpu_supports_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
-    """bf16 for autocast, or None for fp32."""
+    """bf16 for autocast, or None for fp32.
+
+    "auto" is bf16 on CUDA and fp32 on the CPU, even one with native bf16: on 2 AMX cores (OpenVINO 2026.4, torch
+    2.14) the bundled model in bf16 gave TotalSegmentator's example CT a mean Dice of 0.10 instead of 0.49 in fp32
+    (``benchmarks/bench_predict.py --settings default,fp32``), so bf16 on the CPU is only used when asked for.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def physical_cores() -> int:

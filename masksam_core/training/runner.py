@@ -183,7 +183,8 @@ def run_training(cfg: TrainConfig) -> Dict:
         torch.set_num_threads(physical_cores())
     tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    # Encoding (feature cache, validation) uses bf16 where the hardware has it. Training on CPU defaults to fp32:
+    # Encoding (feature cache, validation) follows autocast_dtype: bf16 on CUDA, fp32 on the CPU unless
+    # --precision bf16 (bf16 inference on CPU cost Dice, see autocast_dtype). Training on CPU defaults to fp32:
     # with torch 2.14, bf16 autocast back-propagation on CPU gave run-to-run differences and NaN losses on the
     # decoder stage (measured; see Testing/test_train.py), so "auto" means fp32 there; --precision bf16 forces it.
     encode_amp = autocast_dtype(device, cfg.precision)
