@@ -14,8 +14,8 @@ by tracing), the prompt generator's one slab, the decoder's one group of D items
 query, which its depth adapters mix); each runs its batch piece by piece. The trained parts are keyed by their
 weights, so every model folder gets its own conversions.
 
-Precision follows the engine: fp32 unless the engine runs bf16 autocast (a CPU with native bf16), in which case
-OpenVINO's bf16 inference hint is used.
+Precision follows the engine: fp32 unless the engine runs bf16 autocast (only when asked for on the CPU, see
+``engine.autocast_dtype``), in which case OpenVINO's bf16 inference hint is used.
 """
 from __future__ import annotations
 

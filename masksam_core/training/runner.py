@@ -183,12 +183,11 @@ def run_training(cfg: TrainConfig) -> Dict:
         torch.set_num_threads(physical_cores())
     tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    # Encoding (feature cache, validation) follows autocast_dtype: bf16 on CUDA, fp32 on the CPU unless
-    # --precision bf16 (bf16 inference on CPU cost Dice, see autocast_dtype). Training on CPU defaults to fp32:
-    # with torch 2.14, bf16 autocast back-propagation on CPU gave run-to-run differences and NaN losses on the
-    # decoder stage (measured; see Testing/test_train.py), so "auto" means fp32 there; --precision bf16 forces it.
-    encode_amp = autocast_dtype(device, cfg.precision)
-    amp = encode_amp if (device.type == "cuda" or cfg.precision == "bf16") else None
+    # Encoding (feature cache, validation) and training follow autocast_dtype: bf16 on CUDA, fp32 on the CPU unless
+    # --precision bf16. On the CPU, bf16 inference cost Dice (see autocast_dtype), and with torch 2.14 bf16 autocast
+    # back-propagation gave run-to-run differences and NaN losses on the decoder stage (measured; see
+    # Testing/test_train.py).
+    amp = autocast_dtype(device, cfg.precision)
     out = Path(cfg.out)
     if main_proc:
         check_output(cfg, out)
@@ -241,7 +240,7 @@ def run_training(cfg: TrainConfig) -> Dict:
                           background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps),
                           aux_bce=cfg.aux_bce)
     check_aux_options(loop_cfg)
-    source = data.make_source(model, cached=cached, device=device, amp=encode_amp, batch_size=cfg.batch_size,
+    source = data.make_source(model, cached=cached, device=device, amp=amp, batch_size=cfg.batch_size,
                               seed=cfg.seed, progress=main_proc)
     if world > 1 and main_proc:
         dist.barrier()
