@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from masksam_core.demo import dice_by_name
 
 SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"],
+            "bf16": ["--precision", "bf16"], "fast-bf16": ["--fast", "--precision", "bf16"],
             "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"]}
 
 

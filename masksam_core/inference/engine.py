@@ -49,7 +49,8 @@ class InferenceOptions:
     prune_empty_queries: do not run SAM's decoder for queries whose auxiliary mask is empty on the whole slab.
     skip_outside_body: crop to the body (CT) before segmenting.
     cleanup: keep only the largest connected component of each organ.
-    precision: "auto" (bf16 on CUDA, fp32 on the CPU: see ``autocast_dtype``), "bf16" or "fp32".
+    precision: "auto" (bf16 on CUDA and on OpenVINO on a CPU with native bf16, fp32 otherwise: see
+        ``autocast_dtype``), "bf16" or "fp32".
     background_threshold: semantic-fusion background threshold; None takes the model card's setting.
     runtime: the runtime of the frozen per-slice encoder, the prompt generator and SAM's decoder on the CPU: "auto"
         (OpenVINO when installed, else torch), "torch" or "openvino" (see ``openvino_runtime.py``).
@@ -86,18 +87,23 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+def autocast_dtype(device: torch.device, precision: str, openvino: bool = False) -> Optional[torch.dtype]:
     """bf16 for autocast, or None for fp32.
 
-    "auto" is bf16 on CUDA and fp32 on the CPU, even one with native bf16: on 2 AMX cores (OpenVINO 2026.4, torch
-    2.14) the bundled model in bf16 gave TotalSegmentator's example CT a mean Dice of 0.10 instead of 0.49 in fp32
-    (``benchmarks/bench_predict.py --settings default,fp32``), so bf16 on the CPU is only used when asked for.
+    "auto" is bf16 on CUDA; on the CPU, bf16 only for inference on OpenVINO (``openvino``) on a CPU with native bf16
+    (``cpu_supports_bf16``), and fp32 otherwise. Measured on 2 AMX cores with the bundled model
+    (``benchmarks/bench_predict.py --settings fp32,bf16`` on TotalSegmentator's example CT): OpenVINO bf16 167 s and
+    fp32 332 s, both with a mean Dice of 0.488 (organs within 0.01). torch's own bf16 autocast on the CPU lost an
+    organ on 20 slices of s1, and its bf16 back-propagation gave NaN losses (torch 2.14), so training and the torch
+    runtime stay fp32 on the CPU unless bf16 is asked for.
     """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" else None
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if openvino and cpu_supports_bf16() else None
 
 
 def physical_cores() -> int:
@@ -150,10 +156,13 @@ class SlabEngine:
         self.model = model
         self.options = options
         self.device = next(model.parameters()).device
-        self.amp = autocast_dtype(self.device, options.precision)
+        from .openvino_runtime import make_encoder_runner, make_part_runner, resolve_runtime
+
+        # "auto" precision: bf16 where all three parts run on OpenVINO on a CPU with native bf16 (see autocast_dtype)
+        self.amp = autocast_dtype(self.device, options.precision,
+                                  openvino=resolve_runtime(model, options.runtime, self.device) == "openvino")
         self.encode_slices, self.runtime = model.encoder, "torch"
         self.stats = {"slabs": 0, "encoded_slices": 0, "decoded_queries": 0}  # filled by run()
-        from .openvino_runtime import make_encoder_runner, make_part_runner
 
         threads, bf16 = torch.get_num_threads(), self.amp is not None
         if model.encoder_is_per_slice:

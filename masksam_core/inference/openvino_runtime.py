@@ -14,8 +14,8 @@ by tracing), the prompt generator's one slab, the decoder's one group of D items
 query, which its depth adapters mix); each runs its batch piece by piece. The trained parts are keyed by their
 weights, so every model folder gets its own conversions.
 
-Precision follows the engine: fp32 unless the engine runs bf16 autocast (only when asked for on the CPU, see
-``engine.autocast_dtype``), in which case OpenVINO's bf16 inference hint is used.
+Precision follows the engine (``engine.autocast_dtype``: bf16 on a CPU with native bf16, fp32 otherwise): OpenVINO's
+bf16 inference hint, with its fused attention kernels ("snippets") turned off (``BF16_CONFIG``).
 """
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ RUNTIMES = ("auto", "torch", "openvino")
 # 0.053 instead of 0.061 s per item on 2 AVX2 cores. The encoder (0.80 s per slice either way) and the prompt
 # generator (called one slab at a time by the engine) keep one stream. benchmarks/bench_encoder.py times both.
 DECODER_STREAMS = 2
+# bf16 compilations turn off OpenVINO's "snippets" (its fused multi-head-attention kernels). In bf16, the fused
+# kernel returned wrong values for SAM's decoder attention (8 tokens, 32-channel heads; measured with OpenVINO
+# 2026.4 on 2 AMX cores: 115 % error right after the first self-attention, and mask logits 101 % / class logits
+# 63 % off from torch fp32 on an s1 slab, which cost the bundled model most of its Dice). Without snippets the
+# decoder's bf16 errors are 3.2 % (mask logits) and 0.6 % (class logits), as torch's own bf16, at the same speed
+# (0.042 s per item against 0.041, fp32 0.081); the encoder and the prompt generator are as fast either way.
+BF16_CONFIG = {"SNIPPETS_MODE": "DISABLE"}
 
 
 def openvino_version() -> Optional[str]:
@@ -71,7 +78,7 @@ class OpenVINOModel:
     """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
 
     The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>"``; OpenVINO's compiled kernels in
-    its ``compiled-f32`` or ``compiled-bf16`` subfolder. Subclasses give the example inputs and call the compiled
+    its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give the example inputs and call the compiled
     model.
     """
 
@@ -93,8 +100,12 @@ class OpenVINOModel:
         # a bf16 compilation of the same IR and returned NaN, and the bundled model's IRs compiled for bf16 first
         # gave s1 a mean Dice of 0.11 instead of 0.50 when compiled for f32 later.
         precision = "bf16" if bf16 else "f32"
-        config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": precision,
-                  "CACHE_DIR": str(self.folder / f"compiled-{precision}")}
+        config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": precision}
+        kernels = f"compiled-{precision}"
+        if bf16:  # see BF16_CONFIG; its own kernel folder, since older bf16 kernels were compiled with snippets
+            config.update(BF16_CONFIG)
+            kernels += "-nosnippets"
+        config["CACHE_DIR"] = str(self.folder / kernels)
         if self.streams > 1:  # several calls at once, each on threads / streams cores
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
         else:

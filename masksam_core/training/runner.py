@@ -184,9 +184,9 @@ def run_training(cfg: TrainConfig) -> Dict:
     tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     # Encoding (feature cache, validation) and training follow autocast_dtype: bf16 on CUDA, fp32 on the CPU unless
-    # --precision bf16. On the CPU, bf16 inference cost Dice (see autocast_dtype), and with torch 2.14 bf16 autocast
-    # back-propagation gave run-to-run differences and NaN losses on the decoder stage (measured; see
-    # Testing/test_train.py).
+    # --precision bf16 (they run on torch, whose bf16 lost an organ at inference; see autocast_dtype), and with
+    # torch 2.14 bf16 autocast back-propagation gave run-to-run differences and NaN losses on the decoder stage
+    # (measured; see Testing/test_train.py).
     amp = autocast_dtype(device, cfg.precision)
     out = Path(cfg.out)
     if main_proc:
