@@ -78,8 +78,8 @@ class OpenVINOModel:
     """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
 
     The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>"``; OpenVINO's compiled kernels in
-    its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give the example inputs and call the compiled
-    model.
+    its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give the example inputs and call the
+    compiled model.
     """
 
     kind = "model"
