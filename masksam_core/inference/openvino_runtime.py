@@ -37,9 +37,12 @@ from ..model.decoder import decoder_input_shapes
 
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
-# 0.053 instead of 0.061 s per item on 2 AVX2 cores. The encoder (0.80 s per slice either way) and the prompt
-# generator (called one slab at a time by the engine) keep one stream. benchmarks/bench_encoder.py times both.
+# 0.053 instead of 0.061 s per item on 2 AVX2 cores; on 2 AMX cores 0.038 instead of 0.043 s in bf16 and 0.072
+# instead of 0.090 s in fp32. The encoder too, for the slices a slab adds (two at 50 % overlap): on the AMX cores
+# 0.38 instead of 0.42 s per slice in bf16, 0.74 s either way in fp32 (and on the AVX2 cores). The prompt generator
+# (called one slab at a time by the engine) keeps one stream. benchmarks/bench_encoder.py times the parts.
 DECODER_STREAMS = 2
+ENCODER_STREAMS = 2
 # bf16 compilations turn off OpenVINO's "snippets" (its fused multi-head-attention kernels). In bf16, the fused
 # kernel returned wrong values for SAM's decoder attention (8 tokens, 32-channel heads; measured with OpenVINO
 # 2026.4 on 2 AMX cores: 115 % error right after the first self-attention, and mask logits 101 % / class logits
@@ -141,8 +144,9 @@ class OpenVINOModel:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _infer(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """One call of the compiled model on inputs of exactly the converted shapes; outputs copied out."""
-        self.request.infer({k: a for k, a in enumerate(arrays)})
+        """One call of the compiled model on inputs of exactly the converted shapes; outputs copied out. Inputs are
+        read in place (``share_inputs``), not copied into OpenVINO's own tensors (7.5 s of a 185-s run)."""
+        self.request.infer({k: np.ascontiguousarray(a) for k, a in enumerate(arrays)}, share_inputs=True)
         return [self.request.get_output_tensor(k).data.copy() for k in range(self.num_outputs)]
 
     def _infer_all(self, calls: Sequence[Sequence[np.ndarray]]) -> List[List[np.ndarray]]:
@@ -155,8 +159,9 @@ class OpenVINOModel:
             results[index] = [request.get_output_tensor(k).data.copy() for k in range(self.num_outputs)]
 
         self.queue.set_callback(store)
+        calls = [[np.ascontiguousarray(a) for a in arrays] for arrays in calls]  # kept alive until wait_all
         for index, arrays in enumerate(calls):
-            self.queue.start_async({k: a for k, a in enumerate(arrays)}, index)
+            self.queue.start_async(dict(enumerate(arrays)), index, share_inputs=True)
         self.queue.wait_all()
         if any(r is None for r in results):
             raise RuntimeError(f"OpenVINO returned no result for some {self.kind} calls")
@@ -194,6 +199,20 @@ class OpenVINOEncoder(OpenVINOModel):
         return [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
 
 
+class _DecoderGraph(nn.Module):
+    """The decoder taking its positional encoding channels-last, (P, h, w, E): the memory layout of SAM's dense
+    positional encoding (``get_dense_pe`` permutes an (h, w, E) table), so that it reaches OpenVINO without a copy
+    (the copy to (P, E, h, w) took 6 ms per item, 11 s of a 185-s run); the decoder flattens it to (P, h·w, E)."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_embeddings: torch.Tensor, pe_channels_last: torch.Tensor, sparse: torch.Tensor,
+                dense: torch.Tensor, aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder(image_embeddings, pe_channels_last.permute(0, 3, 1, 2), sparse, dense, aux_tokens)
+
+
 class OpenVINODecoder(OpenVINOModel):
     """Callable like :class:`~masksam_core.model.decoder.ClassifierTokenDecoder` on P = G·D items (G groups of
     the D slices of one (slab, query) pair): the IR takes one group of D items (its depth adapters mix exactly
@@ -208,16 +227,18 @@ class OpenVINODecoder(OpenVINOModel):
     def __init__(self, decoder: nn.Module, depth: int, embed_grid: Tuple[int, int], threads: int,
                  bf16: bool = False, cache_root: Optional[Path] = None, streams: int = 1) -> None:
         shapes = decoder_input_shapes(decoder.base.transformer_dim, depth, embed_grid)
+        shapes[1] = (shapes[1][0], *shapes[1][2:], shapes[1][1])  # the positional encoding channels-last
         example = tuple(torch.zeros(shape) for shape in shapes)
         self.depth = depth
         h, w = embed_grid
-        super().__init__(decoder, example, f"d{depth}-{h}x{w}", threads, bf16, cache_root, streams)
+        super().__init__(_DecoderGraph(decoder), example, f"d{depth}-{h}x{w}-pe_hwc", threads, bf16, cache_root,
+                         streams)
 
     def __call__(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                  dense: torch.Tensor, aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(P, E, h, w), (P, E, h, w), (P, 2, E), (P, E, h, w), (P, E) -> mask logits (P, 1, 4h, 4w) and class
         logits (P, C + 1), float32, P a multiple of D."""
-        inputs = [_as_numpy(t) for t in (image_embeddings, image_pe, sparse, dense, aux_tokens)]
+        inputs = [_as_numpy(t) for t in (image_embeddings, image_pe.permute(0, 2, 3, 1), sparse, dense, aux_tokens)]
         p, d = inputs[0].shape[0], self.depth
         if p % d:
             raise ValueError(f"{p} decoder items are not whole groups of the slab depth {d}")
@@ -310,7 +331,8 @@ def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: t
     if openvino_version() is None:
         raise ValueError("the OpenVINO runtime needs the openvino package (pip install openvino)")
     runner = _build_or_fall_back(
-        lambda: OpenVINOEncoder(model.encoder, model.input_size, threads, bf16=bf16, cache_root=cache_root),
+        lambda: OpenVINOEncoder(model.encoder, model.input_size, threads, bf16=bf16, cache_root=cache_root,
+                                streams=ENCODER_STREAMS),
         runtime, "encoder")
     return (model.encoder, "torch") if runner is None else (runner, "openvino")
 
