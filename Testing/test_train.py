@@ -528,3 +528,35 @@ def test_validation_scores_each_class_auxiliary_channel():
         scores = trainer.validate(iter([batch]), decode=False)
         assert scores["dice"] == {}
         assert scores["aux_dice"] == pytest.approx(expected)
+
+
+def test_feature_cache_encodes_as_inference_does(tmp_path, monkeypatch):
+    """The cache's features are encoded as inference encodes them: on OpenVINO in bf16 where the CPU has native bf16
+    (auto), fp32 when asked for; each precision keys its own cache, and the source says which it holds."""
+    from masksam_core.inference import engine
+    from masksam_core.model.masksam import MaskSAM
+    from masksam_core.model.recipes import architecture_for_recipe
+    from masksam_core.training import data_setup
+    from masksam_core.training.config import merge_config
+    from tiny_backbones import tiny_tinyvit_backbone
+
+    model = MaskSAM(tiny_tinyvit_backbone(), architecture_for_recipe("cpu", 2, slab_depth=2, num_queries=2,
+                                                                     prompt_channels=[8, 8, 8])).eval()
+    root = make_nnunet_dataset(tmp_path / "d", n_cases=1, size=(32, 32, 6), spacing=(3.0, 3.0, 3.0))
+    asked = []
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(data_setup, "resolve_runtime", lambda *a: "openvino")
+    monkeypatch.setattr(data_setup, "make_encoder_runner",
+                        lambda m, runtime, threads, bf16, device: asked.append(bf16) or (m.encoder, runtime))
+    folders = []
+    for precision, expected in (("auto", True), ("fp32", False)):
+        cfg = merge_config({}, {"data": str(root), "out": str(tmp_path / "m"), "cache_dir": str(tmp_path / "c"),
+                                "precision": precision, "feature_copies": 1})
+        data = data_setup.prepare_data(cfg, None, (3.0, 3.0, 3.0), {"mode": "ct_window", "window": [-160, 240]},
+                                       progress=False)
+        source = data.make_source(model, cached=True, device=torch.device("cpu"), amp=None, batch_size=1, seed=0,
+                                  progress=False)
+        assert asked[-1] is expected and source.feature_precision == ("bf16" if expected else "fp32")
+        folders.append({p.name for p in (tmp_path / "c").glob("features-*")})
+    assert len(folders[0]) == 1 and len(folders[1]) == 2
+

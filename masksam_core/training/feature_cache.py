@@ -1,9 +1,10 @@
 """Frozen-encoder feature cache for the CPU recipe.
 
 With a repeat stem and no trainable part inside the encoder, the encoder's outputs depend on each slice alone and
-never change during training. So every training slice (and a few augmented copies of each case) is encoded once (in
-fp32 on the CPU unless ``--precision bf16``: see ``inference.engine.autocast_dtype``) and stored in fp16 as
-memory-mapped ``.npy`` arrays; training then pays only for the prompt generator and the decoder.
+never change during training. So every training slice (and a few augmented copies of each case) is encoded once (as
+inference encodes it: on OpenVINO where installed, in bf16 on a CPU with native bf16 and fp32 otherwise, unless
+``--precision`` says; see ``inference.engine.autocast_dtype``) and stored in fp16 as memory-mapped ``.npy`` arrays;
+training then pays only for the prompt generator and the decoder.
 
 Layout: ``<cache_dir>/features-<key>/<entry>/`` with ``image.npy`` (Z, S, S) fp16 normalised slices on the model
 canvas, ``label.npy`` (Z, S, S) uint8, ``feat<k>.npy`` (Z, C_k, h_k, w_k) fp16, and ``meta.json``; an entry is
