@@ -252,8 +252,8 @@ def run_training(cfg: TrainConfig) -> Dict:
         "recipe": recipe, "matching": matching, "trained_parts": trained_parts(model),
         "cached_encoder_features": cached,
         "seed": cfg.seed, "max_steps": max_steps, "prompt_steps": loop_cfg.prompt_steps,
-        "point_aux_steps": loop_cfg.point_aux_steps, "aux_bce": loop_cfg.aux_bce, "precision": "bf16" if amp else "fp32",
-        "feature_precision": getattr(source, "feature_precision", None),
+        "point_aux_steps": loop_cfg.point_aux_steps, "aux_bce": loop_cfg.aux_bce,
+        "precision": "bf16" if amp else "fp32", "feature_precision": getattr(source, "feature_precision", None),
         "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data),
     }
