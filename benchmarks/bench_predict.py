@@ -1,7 +1,7 @@
 """End-to-end segmentation time (file in, labelmap out), slices per second and peak RSS on a CT-like volume.
 
     python benchmarks/bench_predict.py [--model DIR | --untrained] [--size 512 512 300] [--spacing 0.8 0.8 1.0]
-        [--settings default,fast,no-prune,fp32] [--device cpu|cuda]
+        [--settings default,fast,no-prune,fp32,bf16,fast-bf16] [--device cpu|cuda]
         [--input CT [--ref LABELS --ref-labels MAP.json]]
 
 Each setting runs ``python -m masksam_core.predict`` in its own process (so peak RSS is that run's); one JSON
