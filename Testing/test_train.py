@@ -554,9 +554,8 @@ def test_feature_cache_encodes_as_inference_does(tmp_path, monkeypatch):
                                 "precision": precision, "feature_copies": 1})
         data = data_setup.prepare_data(cfg, None, (3.0, 3.0, 3.0), {"mode": "ct_window", "window": [-160, 240]},
                                        progress=False)
-        source = data.make_source(model, cached=True, device=torch.device("cpu"), amp=None, batch_size=1, seed=0,
+        source = data.make_source(model, cached=True, device=torch.device("cpu"), batch_size=1, seed=0,
                                   progress=False)
         assert asked[-1] is expected and source.feature_precision == ("bf16" if expected else "fp32")
         folders.append({p.name for p in (tmp_path / "c").glob("features-*")})
     assert len(folders[0]) == 1 and len(folders[1]) == 2
-

@@ -91,7 +91,7 @@ class TrainingData:
     cache_dir: Path
     prep_key: str
 
-    def make_source(self, model: MaskSAM, cached: bool, device: torch.device, amp, batch_size: int, seed: int,
+    def make_source(self, model: MaskSAM, cached: bool, device: torch.device, batch_size: int, seed: int,
                     progress: bool = True):
         pad = pad_value_for(self.norm)
         s = model.input_size
@@ -99,9 +99,9 @@ class TrainingData:
             return VolumeSource(self, s, model.slab_depth, pad, batch_size, device)
         copies = max(1, int(self.cfg.feature_copies))
         runtime = resolve_runtime(model, "auto", device)  # OpenVINO encodes the cache where it is installed
-        # encoding precision: the training precision, or inference's (bf16 on OpenVINO on a CPU with native bf16:
-        # features as inference computes them there, in half the time)
-        amp = amp or autocast_dtype(device, self.cfg.precision, openvino=runtime == "openvino")
+        # encoding precision: inference's (bf16 on CUDA, and on OpenVINO on a CPU with native bf16: features as
+        # inference computes them there, in half the time), or --precision's
+        amp = autocast_dtype(device, self.cfg.precision, openvino=runtime == "openvino")
         key = cache_key({"backbone": model.backbone_sha256, "size": s, "prep": self.prep_key, "copies": copies,
                          "aug": self.cfg.augmentation, "seed": seed, "amp": str(amp),
                          "encoder_runtime": runtime})

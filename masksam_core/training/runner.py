@@ -183,10 +183,10 @@ def run_training(cfg: TrainConfig) -> Dict:
         torch.set_num_threads(physical_cores())
     tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
     recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    # Encoding (feature cache, validation) and training follow autocast_dtype: bf16 on CUDA, fp32 on the CPU unless
-    # --precision bf16 (they run on torch, whose bf16 lost an organ at inference; see autocast_dtype), and with
-    # torch 2.14 bf16 autocast back-propagation gave run-to-run differences and NaN losses on the decoder stage
-    # (measured; see Testing/test_train.py).
+    # Training and validation follow autocast_dtype: bf16 on CUDA, fp32 on the CPU unless --precision bf16 (they run
+    # on torch, whose bf16 lost an organ at inference; see autocast_dtype), and with torch 2.14 bf16 autocast
+    # back-propagation gave run-to-run differences and NaN losses on the decoder stage (measured; see
+    # Testing/test_train.py). The feature cache is encoded as inference encodes (data_setup.make_source).
     amp = autocast_dtype(device, cfg.precision)
     out = Path(cfg.out)
     if main_proc:
@@ -240,8 +240,8 @@ def run_training(cfg: TrainConfig) -> Dict:
                           background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps),
                           aux_bce=cfg.aux_bce)
     check_aux_options(loop_cfg)
-    source = data.make_source(model, cached=cached, device=device, amp=amp, batch_size=cfg.batch_size,
-                              seed=cfg.seed, progress=main_proc)
+    source = data.make_source(model, cached=cached, device=device, batch_size=cfg.batch_size, seed=cfg.seed,
+                              progress=main_proc)
     if world > 1 and main_proc:
         dist.barrier()
 
