@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from masksam_core.inference.engine import InferenceOptions, SlabEngine, cpu_supports_bf16
-from masksam_core.model.decoder import decoder_input_shapes
-from masksam_core.model.masksam import MaskSAM, semantic_probabilities
+from masksam_core.model.masksam import MaskSAM, example_decoder_items, semantic_probabilities
 from masksam_core.model.recipes import architecture_for_recipe
 from masksam_core.training.feature_cache import FeatureCache, gather_slab
 from tiny_backbones import tiny_tinyvit_backbone
@@ -109,8 +108,13 @@ def test_bf16_and_fp32_agree(model):
     vol = _volume(z=4)
     fp32 = SlabEngine(model, InferenceOptions(precision="fp32", prune_empty_queries=False)).run(vol, 0.0)
     bf16 = SlabEngine(model, InferenceOptions(precision="bf16", prune_empty_queries=False)).run(vol, 0.0)
-    assert np.abs(fp32 - bf16).max() < 0.1
-    assert (fp32.argmax(0) == bf16.argmax(0)).mean() > 0.97
+    assert np.abs(fp32 - bf16).max() < 0.03
+    # the labels agree wherever fp32's decision is not a near-tie within bf16's error (this random model's
+    # probabilities tie within 0.006 on a quarter of the voxels, where either label is right)
+    top2 = np.sort(fp32, axis=0)[-2:]
+    decisive = top2[1] - top2[0] > 0.03
+    assert decisive.mean() > 0.5
+    assert (fp32.argmax(0) == bf16.argmax(0))[decisive].all()
 
 
 def test_auto_precision_is_bf16_only_on_openvino_with_native_bf16(model, monkeypatch):
@@ -220,30 +224,31 @@ def test_openvino_keeps_compiled_kernels_apart_per_precision(model, tmp_path):
     assert {p.name for p in folder.iterdir() if p.is_dir()} == {"compiled-f32", "compiled-bf16-nosnippets"}
 
 
-def _decoder_inputs(model, groups: int, gen: torch.Generator) -> tuple:
-    """Random decoder inputs for ``groups`` (slab, query) groups of D items: embeddings, PE, sparse and dense
-    prompt embeddings, classifier tokens."""
-    shapes = decoder_input_shapes(model.decoder.base.transformer_dim, groups * model.slab_depth, model.embed_grid)
-    return tuple(torch.randn(shape, generator=gen) for shape in shapes)
-
-
 @openvino_missing
 def test_openvino_decoder_matches_torch_and_is_converted_once(model, tmp_path, monkeypatch):
     from masksam_core.inference.openvino_runtime import OpenVINODecoder
 
     d = model.slab_depth
-    inputs = _decoder_inputs(model, 3, torch.Generator().manual_seed(1))  # three (slab, query) groups
+    emb, item, slice_index, *prompts = example_decoder_items(model, 3, torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ref = model.decoder(*inputs)
-    ov_decoder = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=1, cache_root=tmp_path)
-    got = ov_decoder(*inputs)
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape and float((g - r).abs().max()) <= 1e-4 * float(r.abs().max()) + 1e-5
+        ref = model.decode_items(emb, item, slice_index, *prompts)
+    ov_decoder = OpenVINODecoder(model, threads=1, cache_root=tmp_path)
+    for layout in (torch.contiguous_format, torch.channels_last):  # the engine's embeddings are channels-last
+        got = ov_decoder(emb.contiguous(memory_format=layout), item, slice_index, *prompts)
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape and float((g - r).abs().max()) <= 1e-4 * float(r.abs().max()) + 1e-5
     # groups are independent: decoding the middle group alone gives its rows of the batch
-    alone = ov_decoder(*[x[d:2 * d] for x in inputs])
+    middle = [x[d:2 * d] for x in prompts]
+    alone = ov_decoder(emb, item[d:2 * d], slice_index[d:2 * d], *middle)
     assert all(torch.allclose(a, g[d:2 * d], atol=1e-5) for a, g in zip(alone, got))
+    # several groups may decode the same embeddings (the queries of one slab)
+    shared = ov_decoder(emb, item[d:2 * d].repeat(2), slice_index[:2 * d], *[torch.cat([x, x]) for x in middle])
+    assert all(torch.allclose(a, g[:d], atol=1e-5) and torch.allclose(a, g[d:], atol=1e-5)
+               for a, g in zip(alone, shared))
     with pytest.raises(ValueError, match="whole groups"):
-        ov_decoder(*[x[:d + 1] for x in inputs])
+        ov_decoder(emb, item[:d + 1], slice_index[:d + 1], *[x[:d + 1] for x in prompts])
+    with pytest.raises(ValueError, match="consecutive embeddings as slices"):
+        ov_decoder(emb, item.flip(0), slice_index, *prompts)
     entries = [q.name for q in tmp_path.iterdir()]
     assert len(entries) == 1 and entries[0].startswith("decoder-")
 
@@ -251,11 +256,17 @@ def test_openvino_decoder_matches_torch_and_is_converted_once(model, tmp_path, m
         raise AssertionError("converted again")
 
     monkeypatch.setattr(OpenVINODecoder, "_convert", no_conversion)
-    OpenVINODecoder(model.decoder, d, model.embed_grid, threads=1, cache_root=tmp_path)
+    OpenVINODecoder(model, threads=1, cache_root=tmp_path)
     # other trained weights (another model folder) -> another conversion, never a stale decoder
     other = MaskSAM(tiny_tinyvit_backbone(), model.config).eval()
     with pytest.raises(AssertionError, match="converted again"):
-        OpenVINODecoder(other.decoder, d, other.embed_grid, threads=1, cache_root=tmp_path)
+        OpenVINODecoder(other, threads=1, cache_root=tmp_path)
+    # the positional encoding's depth embedding is part of the converted graph too
+    with torch.no_grad():
+        other.load_state_dict(model.state_dict())
+        other.pe_depth_embedding.add_(0.1)
+    with pytest.raises(AssertionError, match="converted again"):
+        OpenVINODecoder(other, threads=1, cache_root=tmp_path)
 
 
 @openvino_missing
@@ -284,8 +295,9 @@ def test_runtime_choice(model, monkeypatch):
 
     cpu = torch.device("cpu")
     assert make_encoder_runner(model, "torch", 1, False, cpu) == (model.encoder, "torch")
+    assert make_part_runner(model, "decoder", "torch", 1, False, cpu) == (model.decode_items, "torch")
+    assert make_part_runner(model, "prompt_generator", "torch", 1, False, cpu) == (model.prompt_generator, "torch")
     for part in ("decoder", "prompt_generator"):
-        assert make_part_runner(model, part, "torch", 1, False, cpu) == (getattr(model, part), "torch")
         assert make_part_runner(model, part, "auto", 1, False, torch.device("cuda"))[1] == "torch"  # GPU: torch
     with pytest.raises(ValueError, match="runtime must be"):
         make_encoder_runner(model, "onnx", 1, False, cpu)
@@ -311,10 +323,9 @@ def test_openvino_streams_return_every_call_in_order(model, tmp_path):
     assert two.streams == 2 and two.queue is not None
     for a, b in zip(one(x), two(x)):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
-    d = model.slab_depth
-    inputs = _decoder_inputs(model, 5, gen)
-    seq = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path)(*inputs)
-    par = OpenVINODecoder(model.decoder, d, model.embed_grid, threads=2, cache_root=tmp_path, streams=2)(*inputs)
+    inputs = example_decoder_items(model, 5, gen)
+    seq = OpenVINODecoder(model, threads=2, cache_root=tmp_path)(*inputs)
+    par = OpenVINODecoder(model, threads=2, cache_root=tmp_path, streams=2)(*inputs)
     for a, b in zip(seq, par):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-6
     # more streams than threads is capped: each stream needs a core
@@ -332,12 +343,9 @@ def test_openvino_bf16_decoder_of_the_bundled_model_matches_torch(tmp_path):
     from masksam_core.inference.openvino_runtime import OpenVINODecoder
 
     bundled, _ = load_model(default_model_dir())
-    gen = torch.Generator().manual_seed(0)
-    shapes = decoder_input_shapes(bundled.decoder.base.transformer_dim, bundled.slab_depth, bundled.embed_grid)
-    inputs = [torch.randn(shape, generator=gen) for shape in shapes]
+    inputs = example_decoder_items(bundled, 1, torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = bundled.decoder(*inputs)
-    got = OpenVINODecoder(bundled.decoder, bundled.slab_depth, bundled.embed_grid, threads=2, bf16=True,
-                          cache_root=tmp_path)(*inputs)
+        ref = bundled.decode_items(*inputs)
+    got = OpenVINODecoder(bundled, threads=2, bf16=True, cache_root=tmp_path)(*inputs)
     for name, g, r in zip(("mask logits", "class logits"), got, ref):
         assert float((g - r).abs().max()) < 0.05 * float(r.abs().max()), name

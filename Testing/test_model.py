@@ -149,11 +149,9 @@ def test_decoding_in_chunks_matches_one_call(monkeypatch):
                 p.add_(torch.randn_like(p) * 0.05)
     slab = torch.randn(2, 1, 4, 64, 64)
     calls = []
-    decoder = model.decoder
-
     def counting_decoder(*args):
-        calls.append(args[0].shape[0])
-        return decoder(*args)
+        calls.append(args[1].shape[0])  # items: (embeddings, item_embedding, ...)
+        return model.decode_items(*args)
 
     with torch.no_grad():
         whole = model(slab)  # 2 slabs x 5 queries x 4 slices = 40 items, in 2 chunks of 32 and 8

@@ -10,7 +10,9 @@ GFLOP/s (FLOPs counted by torch's FlopCounterMode) and its fraction of this mach
 here, 2048x2048 fp32 / bf16), and the largest difference of its outputs from torch fp32 relative to their range.
 One JSON line per part and runtime ("bench": "encoder", "prompt_generator" or "decoder"). The prompt generator
 runs one slab, as the engine calls it, and the decoder 4 groups of D items (the D slices of one slab and query),
-on one stream and on the engine's concurrent streams.
+on one stream and on the engine's concurrent streams. The decoder's count includes the multiplications by zero
+of its block-diagonal attention (``masksam_core/model/token_layout.py``; about 0.6 GFLOP per item of the bundled
+model's 4.8), so its GFLOP/s slightly overstate the useful rate.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def with_openvino(part: str, runs: List[Run], build: Callable, bf16: bool, label
     return runs + [(name, runner, "bf16" if bf16 else "fp32")]
 
 
-def torch_run(module: torch.nn.Module, bf16: bool = False) -> Callable:
+def torch_run(module: Callable, bf16: bool = False) -> Callable:
     def run(*inputs):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = module(*inputs)
@@ -95,8 +97,8 @@ def main() -> None:
     from masksam_core.inference.engine import cpu_supports_bf16, physical_cores
     from masksam_core.inference.openvino_runtime import (DECODER_STREAMS, OpenVINODecoder, OpenVINOEncoder,
                                                          make_part_runner, openvino_version)
-    from masksam_core.model.decoder import decoder_input_shapes
     from masksam_core.model.folder import load_model
+    from masksam_core.model.masksam import example_decoder_items
     from masksam_core.predict import resolve_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,11 +137,10 @@ def main() -> None:
         compare_runtimes("prompt_generator", "per_slab", runs, pg_inputs, 1, limits, args.reps)
         # decoder: 4 groups of D items (4 decoded queries of one slab), on one stream and on the engine's streams
         p = 4 * d
-        shapes = decoder_input_shapes(model.decoder.base.transformer_dim, p, model.embed_grid)
-        dec_inputs = tuple(torch.randn(shape, generator=gen) for shape in shapes)
-        runs = [("torch fp32", torch_run(model.decoder), "fp32")]
-        runs = with_openvino("decoder", runs, lambda: OpenVINODecoder(
-            model.decoder, d, model.embed_grid, th, bf16, cache, streams=1), bf16, ", 1 stream")
+        dec_inputs = example_decoder_items(model, 4, gen)
+        runs = [("torch fp32", torch_run(model.decode_items), "fp32")]
+        runs = with_openvino("decoder", runs, lambda: OpenVINODecoder(model, th, bf16, cache, streams=1), bf16,
+                             ", 1 stream")
         runs = with_openvino("decoder", runs, lambda: make_part_runner(
             model, "decoder", "openvino", th, bf16, torch.device("cpu"), cache_root=cache)[0], bf16,
             f", {min(DECODER_STREAMS, th)} streams (the engine's)")

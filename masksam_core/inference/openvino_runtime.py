@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..model.decoder import decoder_input_shapes
+from ..model.decoder import depth_pe
+from ..model.token_layout import embed_masks
 
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
@@ -193,57 +194,81 @@ class OpenVINOEncoder(OpenVINOModel):
                          cache_root, streams)
 
     def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """x (B, 3, S, S) -> features as the torch encoder returns them (float32, on the CPU), slice by slice."""
+        """x (B, 3, S, S) -> features as the torch encoder returns them (float32, on the CPU), slice by slice.
+
+        The first (SAM's image embedding, (B, E, h, w)) is laid out channels-last in memory
+        (``torch.channels_last``), as :class:`OpenVINODecoder` reads it: transposed once per slice here, not once
+        per decoded query."""
         data = _as_numpy(x)
         per_slice = self._infer_all([[data[b:b + 1]] for b in range(data.shape[0])])
-        return [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
+        features = [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
+        features[0] = features[0].contiguous(memory_format=torch.channels_last)
+        return features
 
 
 class _DecoderGraph(nn.Module):
-    """The decoder taking its positional encoding channels-last, (P, h, w, E): the memory layout of SAM's dense
-    positional encoding (``get_dense_pe`` permutes an (h, w, E) table), so that it reaches OpenVINO without a copy
-    (the copy to (P, E, h, w) took 6 ms per item, 11 s of a 185-s run); the decoder flattens it to (P, h·w, E)."""
+    """:meth:`MaskSAM.decode_items` for one group of the D slices of a (slab, query) pair, on channels-last tokens
+    (see ``token_layout``): the embeddings (D, h, w, E) arrive channels-last (as the engine's OpenVINO encoder
+    returns them), the mask prompts (D, 4h, 4w) are embedded inside the graph, and the positional encoding of
+    slices 0..D-1 is a constant of the graph. Earlier IRs took channels-first embeddings, dense embeddings and
+    positional encodings: OpenVINO spent over half of the decoder's bf16 time transposing them and the heads."""
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.decoder = decoder
+        self.decoder = model.decoder
+        self.mask_downscaling = model.prompt_encoder.mask_downscaling
+        d = model.slab_depth
+        with torch.no_grad():
+            pe = depth_pe(model.prompt_encoder, model.pe_depth_embedding, torch.arange(d))  # (D, E, h, w)
+        self.register_buffer("pe_tokens", pe.flatten(2).transpose(1, 2).contiguous())
 
-    def forward(self, image_embeddings: torch.Tensor, pe_channels_last: torch.Tensor, sparse: torch.Tensor,
-                dense: torch.Tensor, aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder(image_embeddings, pe_channels_last.permute(0, 3, 1, 2), sparse, dense, aux_tokens)
+    def forward(self, embeddings_hwc: torch.Tensor, sparse: torch.Tensor, mask_prompts: torch.Tensor,
+                aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        d, h, w, e = embeddings_hwc.shape
+        tokens = embeddings_hwc.reshape(d, h * w, e) + embed_masks(self.mask_downscaling, mask_prompts)
+        return self.decoder.forward_tokens(tokens, self.pe_tokens, sparse, aux_tokens)
 
 
 class OpenVINODecoder(OpenVINOModel):
-    """Callable like :class:`~masksam_core.model.decoder.ClassifierTokenDecoder` on P = G·D items (G groups of
-    the D slices of one (slab, query) pair): the IR takes one group of D items (its depth adapters mix exactly
-    those), and groups run one after another.
+    """Callable like :meth:`MaskSAM.decode_items` on P = G·D items (G groups of the D slices of one (slab, query)
+    pair, each group decoding D consecutive embeddings as slices 0..D-1): the IR takes one group (its depth
+    adapters mix exactly those D items), and groups run one after another or on several streams.
 
-    Its weights hash covers the trained parts (adapters, classifier token, class head), so each model folder gets
-    its own converted decoder.
+    Its weights hash covers the trained parts (adapters, classifier token, class head, the positional encoding's
+    depth embedding), so each model folder gets its own converted decoder.
     """
 
     kind = "decoder"
 
-    def __init__(self, decoder: nn.Module, depth: int, embed_grid: Tuple[int, int], threads: int,
-                 bf16: bool = False, cache_root: Optional[Path] = None, streams: int = 1) -> None:
-        shapes = decoder_input_shapes(decoder.base.transformer_dim, depth, embed_grid)
-        shapes[1] = (shapes[1][0], *shapes[1][2:], shapes[1][1])  # the positional encoding channels-last
-        example = tuple(torch.zeros(shape) for shape in shapes)
-        self.depth = depth
-        h, w = embed_grid
-        super().__init__(_DecoderGraph(decoder), example, f"d{depth}-{h}x{w}-pe_hwc", threads, bf16, cache_root,
-                         streams)
+    def __init__(self, model: nn.Module, threads: int, bf16: bool = False, cache_root: Optional[Path] = None,
+                 streams: int = 1) -> None:
+        d, e = model.slab_depth, model.decoder.base.transformer_dim
+        h, w = model.embed_grid
+        example = (torch.zeros(d, h, w, e), torch.zeros(d, 2, e), torch.zeros(d, 4 * h, 4 * w), torch.zeros(d, e))
+        self.depth = d
+        super().__init__(_DecoderGraph(model), example, f"d{d}-{h}x{w}-tokens", threads, bf16, cache_root, streams)
 
-    def __call__(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor, aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(P, E, h, w), (P, E, h, w), (P, 2, E), (P, E, h, w), (P, E) -> mask logits (P, 1, 4h, 4w) and class
-        logits (P, C + 1), float32, P a multiple of D."""
-        inputs = [_as_numpy(t) for t in (image_embeddings, image_pe.permute(0, 2, 3, 1), sparse, dense, aux_tokens)]
-        p, d = inputs[0].shape[0], self.depth
+    def __call__(self, embeddings: torch.Tensor, item_embedding: torch.Tensor, slice_index: torch.Tensor,
+                 sparse: torch.Tensor, mask_prompts: torch.Tensor,
+                 aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`MaskSAM.decode_items`; -> mask logits (P, 1, 4h, 4w), class logits (P, C + 1), float32.
+        Channels-last embeddings (the engine's) are read in place; others are made channels-last once per call."""
+        p, d = item_embedding.shape[0], self.depth
         if p % d:
             raise ValueError(f"{p} decoder items are not whole groups of the slab depth {d}")
-        groups = self._infer_all([[a[i:i + d] for a in inputs] for i in range(0, p, d)])
-        return tuple(torch.from_numpy(np.concatenate([g[k] for g in groups])) for k in range(2))
+        first = item_embedding.view(-1, d)[:, :1]
+        steps = torch.arange(d, device=item_embedding.device)
+        if not (torch.equal(item_embedding.view(-1, d), first + steps)
+                and torch.equal(slice_index.view(-1, d), steps.expand(p // d, d))):
+            raise ValueError("each group of decoder items must decode D consecutive embeddings as slices 0..D-1")
+        emb = _as_numpy(embeddings.permute(0, 2, 3, 1))
+        sparse_np, masks_np, aux_np = (_as_numpy(t) for t in (sparse, mask_prompts, aux_tokens))
+        calls = []
+        for g, b in enumerate(first[:, 0].tolist()):
+            items = slice(g * d, (g + 1) * d)
+            calls.append([emb[b:b + d], sparse_np[items], masks_np[items], aux_np[items]])
+        groups = self._infer_all(calls)
+        return tuple(torch.from_numpy(np.concatenate([out[k] for out in groups])) for k in range(2))
 
 
 class _PromptGeneratorGraph(nn.Module):
@@ -339,8 +364,8 @@ def make_encoder_runner(model, runtime: str, threads: int, bf16: bool, device: t
 
 def make_part_runner(model, part: str, runtime: str, threads: int, bf16: bool, device: torch.device,
                      cache_root: Optional[Path] = None):
-    """The callable that runs ``model.<part>`` ("decoder" or "prompt_generator") for the engine: the module itself
-    or its OpenVINO conversion.
+    """The callable that runs a part of ``model`` for the engine: "decoder" (:meth:`MaskSAM.decode_items`) or
+    "prompt_generator" (``model.prompt_generator``), in torch or converted to OpenVINO.
 
     Both parts hold trained weights but run at inference exactly as trained, whatever the recipe, so OpenVINO takes
     them over on the CPU whatever the encoder: "auto" uses OpenVINO on the CPU when it is installed; "openvino" is
@@ -349,16 +374,16 @@ def make_part_runner(model, part: str, runtime: str, threads: int, bf16: bool, d
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     module = getattr(model, part, None)
+    in_torch = getattr(model, "decode_items", None) if part == "decoder" else module
     usable = device.type == "cpu" and isinstance(module, nn.Module) and openvino_version() is not None
     if runtime == "torch" or (runtime == "auto" and not usable):
-        return module, "torch"
+        return in_torch, "torch"
     if not usable:
         raise ValueError("the OpenVINO runtime needs the CPU and the openvino package (pip install openvino)")
     d, s = model.slab_depth, model.input_size
     if part == "decoder":
         def build():
-            return OpenVINODecoder(module, d, model.embed_grid, threads, bf16=bf16, cache_root=cache_root,
-                                   streams=DECODER_STREAMS)
+            return OpenVINODecoder(model, threads, bf16=bf16, cache_root=cache_root, streams=DECODER_STREAMS)
     elif part == "prompt_generator":
         shapes = [(c, s // stride, s // stride)
                   for c, stride in zip(model.encoder.feature_channels, model.encoder.feature_strides)]
@@ -368,4 +393,4 @@ def make_part_runner(model, part: str, runtime: str, threads: int, bf16: bool, d
     else:
         raise ValueError(f"no OpenVINO runner for {part!r}")
     runner = _build_or_fall_back(build, runtime, part.replace("_", " "))
-    return (module, "torch") if runner is None else (runner, "openvino")
+    return (in_torch, "torch") if runner is None else (runner, "openvino")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .adapters import DepthConvTokenAdapter, DepthMLPAdapter
 from .conv import Conv3d, ConvTranspose3d
+from .token_layout import attend, upscale_masks
 
 
 def binarize_and_box_prompts(aux_mask_logits: torch.Tensor, head_boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -47,25 +48,29 @@ def binarize_and_box_prompts(aux_mask_logits: torch.Tensor, head_boxes: torch.Te
     return boxes, masks
 
 
-def encode_prompts(prompt_encoder: nn.Module, boxes: torch.Tensor, masks: torch.Tensor,
-                   input_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SAM prompt encoding of boxes and binary masks.
-
-    boxes: (P, 4) normalised xyxy -> pixels of the ``input_size`` canvas, floored (as the official code);
-    masks: (P, S, S) {0, 1} -> resized (nearest) to 4x the embedding grid.
-    The prompt encoder's ``input_image_size`` equals the real input size, so boxes and the dense positional
-    encoding cover the same canvas (the official 512-px code places the slice in the top-left quadrant of a
-    1024 canvas instead; not needed here). Returns sparse (P, 2, E) and dense (P, E, h, w) embeddings.
-    """
+def encode_boxes(prompt_encoder: nn.Module, boxes: torch.Tensor, input_size: int) -> torch.Tensor:
+    """SAM's sparse prompt embedding (P, 2, E) of boxes (P, 4) normalised xyxy, taken to pixels of the
+    ``input_size`` canvas and floored (as the official code). The prompt encoder's ``input_image_size`` equals the
+    real input size, so boxes and the dense positional encoding cover the same canvas (the official 512-px code
+    places the slice in the top-left quadrant of a 1024 canvas instead; not needed here)."""
     with torch.no_grad():
         pix = torch.floor(boxes * input_size)
-        mask_size = tuple(4 * g for g in prompt_encoder.image_embedding_size)
-        if masks.shape[-2:] != mask_size:
-            masks = F.interpolate(masks[:, None], size=mask_size, mode="nearest")
-        else:
-            masks = masks[:, None]
-    sparse, dense = prompt_encoder(points=None, boxes=pix, masks=masks)
-    return sparse, dense
+    sparse, _ = prompt_encoder(points=None, boxes=pix, masks=None)
+    return sparse
+
+
+def mask_prompts_at_decoder_size(prompt_encoder: nn.Module, masks: torch.Tensor) -> torch.Tensor:
+    """Binary mask prompts (P, S, S) resized (nearest) to the (P, 4h, 4w) that SAM's mask embedding takes."""
+    mask_size = tuple(4 * g for g in prompt_encoder.image_embedding_size)
+    if tuple(masks.shape[-2:]) == mask_size:
+        return masks
+    with torch.no_grad():
+        return F.interpolate(masks[:, None], size=mask_size, mode="nearest")[:, 0]
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(P, E, h, w) -> (P, h·w, E)."""
+    return x.flatten(2).transpose(1, 2)
 
 
 class _LayerAdapters(nn.Module):
@@ -94,6 +99,7 @@ class ClassifierTokenDecoder(nn.Module):
         self.base = base
         dim = base.transformer_dim
         self.slab_depth = slab_depth
+        self.embed_grid = tuple(embed_grid)
         self.global_token = nn.Parameter(torch.zeros(1, dim))
         nn.init.normal_(self.global_token, std=0.02)
         self.class_head = nn.Linear(dim, num_classes + 1)
@@ -105,23 +111,23 @@ class ClassifierTokenDecoder(nn.Module):
             self.layer_adapters = None
             self.final_adapter = None
 
-    def _transformer(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+    def _transformer(self, keys: torch.Tensor, key_pe: torch.Tensor,
                      tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """SAM's TwoWayTransformer forward with adapters. (P, E, h, w), (P, E, h, w), (P, T, E) -> queries, keys."""
+        """SAM's TwoWayTransformer forward with adapters, on tokens: image tokens (P, h·w, E), their positional
+        encoding (P, h·w, E) and the prompt tokens (P, T, E) -> queries (P, T, E), keys (P, h·w, E).
+        Attention runs through :func:`~masksam_core.model.token_layout.attend` (SAM's values, no head transposes)."""
         tr = self.base.transformer
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = tokens
         query_pe = tokens
         for j, layer in enumerate(tr.layers):
             ad = None if self.layer_adapters is None else self.layer_adapters[j]
             if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
+                queries = attend(layer.self_attn, queries, queries, queries)
                 if ad is not None:
                     queries = ad.self_attn(queries)
             else:
                 q = queries + query_pe
-                out = layer.self_attn(q=q, k=q, v=queries)
+                out = attend(layer.self_attn, q, q, queries)
                 if ad is not None:
                     out = ad.self_attn(out)
                 queries = queries + out
@@ -129,7 +135,7 @@ class ClassifierTokenDecoder(nn.Module):
 
             q = queries + query_pe
             k = keys + key_pe
-            out = layer.cross_attn_token_to_image(q=q, k=k, v=keys)
+            out = attend(layer.cross_attn_token_to_image, q, k, keys)
             if ad is not None:
                 out = ad.cross_token_to_image(out)
             queries = layer.norm2(queries + out)
@@ -141,14 +147,14 @@ class ClassifierTokenDecoder(nn.Module):
 
             q = queries + query_pe
             k = keys + key_pe
-            out = layer.cross_attn_image_to_token(q=k, k=q, v=queries)
+            out = attend(layer.cross_attn_image_to_token, k, q, queries)
             if ad is not None:
                 out = ad.cross_image_to_token(out)
             keys = layer.norm4(keys + out)
 
         q = queries + query_pe
         k = keys + key_pe
-        out = tr.final_attn_token_to_image(q=q, k=k, v=keys)
+        out = attend(tr.final_attn_token_to_image, q, k, keys)
         if self.final_adapter is not None:
             out = self.final_adapter(out)
         queries = tr.norm_final_attn(queries + out)
@@ -162,20 +168,25 @@ class ClassifierTokenDecoder(nn.Module):
         encoding; sparse: (P, 2, E); dense: (P, E, h, w); aux_tokens: (P, E).
         Returns mask logits (P, 1, 4h, 4w) and class logits (P, C + 1).
         """
+        if tuple(image_embeddings.shape[-2:]) != self.embed_grid:
+            raise ValueError(f"image embeddings of {tuple(image_embeddings.shape[-2:])}, the decoder's grid is "
+                             f"{self.embed_grid}")
+        return self.forward_tokens(_as_tokens(image_embeddings + dense), _as_tokens(image_pe), sparse, aux_tokens)
+
+    def forward_tokens(self, image_tokens: torch.Tensor, pe_tokens: torch.Tensor, sparse: torch.Tensor,
+                       aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on channels-last tokens: image tokens (P, h·w, E) (the slice embedding plus the dense
+        prompt embedding), positional encoding (P, h·w, E), sparse (P, 2, E), aux_tokens (P, E) -> mask logits
+        (P, 1, 4h, 4w) and class logits (P, C + 1). The image side is never transposed (see ``token_layout``)."""
         base = self.base
         p = sparse.shape[0]
         out_tokens = torch.cat([base.iou_token.weight, base.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.unsqueeze(0).expand(p, -1, -1)
         cls = (self.global_token + aux_tokens).unsqueeze(1)
         tokens = torch.cat([out_tokens, sparse, cls.to(sparse.dtype)], dim=1)
-        src = image_embeddings + dense
-        hs, keys = self._transformer(src, image_pe, tokens)
-        b, c, h, w = src.shape
-        keys = keys.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = base.output_upscaling(keys)
+        hs, keys = self._transformer(image_tokens, pe_tokens, tokens)
         hyper = base.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 (multimask_output=False)
-        bu, cu, hu, wu = upscaled.shape
-        masks = (hyper.unsqueeze(1) @ upscaled.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)
+        masks = upscale_masks(base.output_upscaling, keys, hyper, self.embed_grid)
         class_logits = self.class_head(hs[:, -1, :])
         return masks, class_logits
 

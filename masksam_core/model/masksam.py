@@ -9,7 +9,7 @@ depth embedding, decoder adapters, the global classifier token, the class head a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from .backbones import Backbone
 from .conv import Conv3d
-from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe,
-                      encode_prompts)
+from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe, encode_boxes,
+                      mask_prompts_at_decoder_size)
 from .encoder import TinyViTFeatureEncoder, ViTFeatureEncoder
 from .prompt_generator import PromptGenerator
 
@@ -198,6 +198,22 @@ class MaskSAM(nn.Module):
         x = stem_out.transpose(1, 2).reshape(g * d, c, s, s)
         return (encoder or self.encoder)(x)
 
+    def decode_items(self, embeddings: torch.Tensor, item_embedding: torch.Tensor, slice_index: torch.Tensor,
+                     sparse: torch.Tensor, mask_prompts: torch.Tensor,
+                     aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM's decoder (with its adapters and classifier token) on P items ordered (g, d): groups g of the D
+        slices of one (slab, query) pair.
+
+        embeddings: (B, E, h, w) slice embeddings; item_embedding: (P,) long, the embedding each item decodes;
+        slice_index: (P,) its slice d in the slab (for the depth embedding of the positional encoding);
+        sparse: (P, 2, E) box prompt embeddings; mask_prompts: (P, 4h, 4w) binary mask prompts; aux_tokens: (P, E).
+        Returns mask logits (P, 1, 4h, 4w) and class logits (P, C + 1).
+        """
+        emb = embeddings[item_embedding]
+        dense = self.prompt_encoder.mask_downscaling(mask_prompts[:, None].to(emb.dtype))
+        pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, slice_index)
+        return self.decoder(emb, pe.to(emb.dtype), sparse, dense.to(emb.dtype), aux_tokens)
+
     def forward(self, slab: torch.Tensor, decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """slab (G, 1, D, S, S); decode (G, N) bool or None (all). See the class docstring for the outputs."""
         stem_out = self.apply_stem(slab)
@@ -216,8 +232,9 @@ class MaskSAM(nn.Module):
         gets a box prompt and could produce a mask; it is skipped as "nothing there" (measured in
         ``benchmarks/bench_predict.py``).
 
-        ``decoder``, ``prompt_generator``: what runs :attr:`decoder`'s or :attr:`prompt_generator`'s computation
-        (same arguments and outputs), e.g. the engine's OpenVINO runners at CPU inference; None for the modules.
+        ``decoder``: what runs :meth:`decode_items` (same arguments and outputs), ``prompt_generator``: what runs
+        :attr:`prompt_generator` (same arguments and outputs), e.g. the engine's OpenVINO runners at CPU inference;
+        None for the modules.
         """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
@@ -252,16 +269,14 @@ class MaskSAM(nn.Module):
             item_d = torch.arange(d, device=aux.device).repeat(n_sel)
             all_tokens = pg["tokens"].view(g, d, n, -1)
             chunk = n_sel * d if torch.is_grad_enabled() else self.decode_chunk(d)
-            run_decoder = decoder or self.decoder
+            run_decoder = decoder or self.decode_items
             parts = []
             for i in range(0, n_sel * d, chunk):  # inputs gathered per chunk: memory bounded by the chunk
                 cg, cd, cq = item_g[i:i + chunk], item_d[i:i + chunk], item_q[i:i + chunk]
-                sparse, dense = encode_prompts(self.prompt_encoder, boxes[cg, cd, cq], masks[cg, cd, cq],
-                                               self.input_size)
-                emb = features[0][cg * d + cd]
-                pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, cd)
-                parts.append(run_decoder(emb, pe.to(emb.dtype), sparse.to(emb.dtype), dense.to(emb.dtype),
-                                         all_tokens[cg, cd, cq]))
+                sparse = encode_boxes(self.prompt_encoder, boxes[cg, cd, cq], self.input_size)
+                mask_prompts = mask_prompts_at_decoder_size(self.prompt_encoder, masks[cg, cd, cq])
+                parts.append(run_decoder(features[0], cg * d + cd, cd, sparse.to(features[0].dtype),
+                                         mask_prompts.to(features[0].dtype), all_tokens[cg, cd, cq]))
             m = torch.cat([p[0] for p in parts])
             logits = torch.cat([p[1] for p in parts])
             pred_masks = pred_masks.index_put((item_g, item_q, item_d), m[:, 0].to(dtype))
@@ -278,6 +293,17 @@ class MaskSAM(nn.Module):
             "decoded": decoded.permute(0, 2, 1).reshape(g * d, n),
         }
 
+
+
+def example_decoder_items(model: MaskSAM, groups: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """Random arguments of :meth:`MaskSAM.decode_items` for ``groups`` (slab, query) groups of D items, group g
+    decoding embeddings g·D .. g·D + D - 1 (for tests and benchmarks)."""
+    d, e = model.slab_depth, model.decoder.base.transformer_dim
+    h, w = model.embed_grid
+    p = groups * d
+    return (torch.randn(p, e, h, w, generator=generator), torch.arange(p), torch.arange(d).repeat(groups),
+            torch.randn(p, 2, e, generator=generator),
+            (torch.rand(p, 4 * h, 4 * w, generator=generator) > 0.7).float(), torch.randn(p, e, generator=generator))
 
 
 def semantic_probabilities(outputs: Dict[str, torch.Tensor], size: Optional[Sequence[int]] = None,
