@@ -191,6 +191,12 @@ def test_openvino_runtime_matches_torch_and_is_converted_once(model, tmp_path, m
     monkeypatch.setattr(OpenVINOEncoder, "_convert", no_conversion)
     again = OpenVINOEncoder(model.encoder, model.input_size, threads=1, cache_root=tmp_path)(x)
     assert all(torch.equal(a, g) for a, g in zip(again, got))
+    # other code that defines the graphs (another MaskSAM version, an edited forward) -> converted again
+    from masksam_core.inference import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "graph_code_hash", lambda: "0ther0de")
+    with pytest.raises(AssertionError, match="converted again"):
+        OpenVINOEncoder(model.encoder, model.input_size, threads=1, cache_root=tmp_path)
 
 
 @openvino_missing

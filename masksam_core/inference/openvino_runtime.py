@@ -19,6 +19,7 @@ bf16 inference hint, with its fused attention kernels ("snippets") turned off (`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -72,6 +73,18 @@ def weights_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def graph_code_hash() -> str:
+    """sha256 (8 hex digits) of the source that defines the converted graphs (``masksam_core/model/*.py`` and this
+    file): a converted IR is reused only by the code that made it. Same weights and shapes are not enough: a
+    changed forward (a rewritten decoder, say) must not run as its stale IR."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve()
+    for path in sorted((here.parent.parent / "model").glob("*.py")) + [here]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def default_cache_root() -> Path:
     from ..sample_data import cache_root
 
@@ -81,9 +94,9 @@ def default_cache_root() -> Path:
 class OpenVINOModel:
     """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
 
-    The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>"``; OpenVINO's compiled kernels in
-    its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give the example inputs and call the
-    compiled model.
+    The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>-code<graph_code_hash>"``;
+    OpenVINO's compiled kernels in its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give
+    the example inputs and call the compiled model.
     """
 
     kind = "model"
@@ -94,7 +107,7 @@ class OpenVINOModel:
 
         root = Path(cache_root) if cache_root is not None else default_cache_root()
         version = re.sub(r"[^0-9A-Za-z.]+", "_", openvino_version() or "none")
-        self.folder = root / f"{self.kind}-{weights_hash(module)}-{shape_key}-ov{version}"
+        self.folder = root / f"{self.kind}-{weights_hash(module)}-{shape_key}-ov{version}-code{graph_code_hash()}"
         xml = self.folder / f"{self.kind}.xml"
         if not xml.exists():
             self._convert(module, example_inputs, root)

@@ -62,9 +62,11 @@ class DepthConvAdapter(nn.Module):
             raise ValueError(f"batch of {gd} is not a multiple of the slab depth {self.depth}")
         xs = F.gelu(self.down(x))
         hidden = xs.shape[-1]
-        xt = xs.reshape(gd // self.depth, self.depth, h, w, hidden).permute(0, 4, 1, 2, 3)
-        xt = F.gelu(self.norm(self.conv(xt)))
+        xt = self.conv(xs.reshape(gd // self.depth, self.depth, h, w, hidden).permute(0, 4, 1, 2, 3))
+        # LayerNorm3d over channels, computed channels-last: one transpose back, not three (the depthwise
+        # convolution itself runs channels-last in oneDNN and OpenVINO)
         xt = xt.permute(0, 2, 3, 4, 1).reshape(gd, h, w, hidden)
+        xt = F.gelu(F.layer_norm(xt, (hidden,), self.norm.weight, self.norm.bias, self.norm.eps))
         y = self.up(xs + xt)
         return x + y if self.skip else y
 
