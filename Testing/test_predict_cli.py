@@ -116,6 +116,23 @@ def test_bad_inputs_give_one_line_errors_and_no_output(model_dir, tmp_path, caps
     assert leftovers == []
 
 
+def test_overlap_option_sets_the_slab_stride_and_refuses_bad_values(model_dir, volume, tmp_path, capsys):
+    strides = {}
+    for option in ([], ["--overlap", "0.25"], ["--fast"], ["--fast", "--overlap", "0.5"]):
+        out = tmp_path / f"o{len(strides)}.nii.gz"
+        code, _, err = _run(["-i", str(volume), "-o", str(out), "--model", str(model_dir)] + option, capsys)
+        assert code == 0, err
+        strides[" ".join(option)] = json.loads(out.with_name(out.name[:-7] + ".json").read_text())[
+            "engine_stats"]["slab_stride"]
+    d = json.loads((model_dir / "model.json").read_text())["architecture"]["slab_depth"]
+    assert strides == {"": round(d * 0.5), "--overlap 0.25": round(d * 0.75), "--fast": d,
+                       "--fast --overlap 0.5": round(d * 0.5)}
+    for bad in ("0.9", "-0.1"):
+        out = tmp_path / "bad.nii.gz"
+        code, _, err = _run(["-i", str(volume), "-o", str(out), "--model", str(model_dir), "--overlap", bad], capsys)
+        assert code == 2 and "overlap must be between 0 and 0.75" in err and not out.exists()
+
+
 def test_model_and_output_problems(model_dir, volume, tmp_path, capsys):
     code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path / "nomodel")],
                         capsys)

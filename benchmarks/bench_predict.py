@@ -28,7 +28,8 @@ from masksam_core.demo import dice_by_name
 
 SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"],
             "bf16": ["--precision", "bf16"], "fast-bf16": ["--fast", "--precision", "bf16"],
-            "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"]}
+            "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"],
+            "overlap25": ["--overlap", "0.25"], "overlap0": ["--overlap", "0"]}
 
 
 def ct_like(size, spacing) -> sitk.Image:

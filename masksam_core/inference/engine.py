@@ -45,7 +45,8 @@ class InferenceOptions:
     """How to run the engine.
 
     fast: coarser z spacing (x1.5) and no slab overlap, for CPU-only users.
-    overlap: fraction of a slab shared with the next one (0.5 by default; 0 in fast mode).
+    overlap: fraction of a slab shared with the next one, in [0, 0.75]; None: 0.5, or 0 in fast mode. The slab
+        stride is round(D · (1 - overlap)) slices, at least 1.
     prune_empty_queries: do not run SAM's decoder for queries whose auxiliary mask is empty on the whole slab.
     skip_outside_body: crop to the body (CT) before segmenting.
     cleanup: keep only the largest connected component of each organ.
@@ -58,7 +59,7 @@ class InferenceOptions:
 
     device: str = "auto"
     fast: bool = False
-    overlap: float = 0.5
+    overlap: Optional[float] = None
     prune_empty_queries: bool = True
     skip_outside_body: bool = True
     cleanup: bool = False
@@ -66,6 +67,18 @@ class InferenceOptions:
     threads: Optional[int] = None
     background_threshold: Optional[float] = None
     runtime: str = "auto"
+
+
+MAX_OVERLAP = 0.75
+
+
+def effective_overlap(options: InferenceOptions) -> float:
+    """The slab overlap ``options`` ask for (see :class:`InferenceOptions`); an InputError outside [0, 0.75]."""
+    if options.overlap is None:
+        return 0.0 if options.fast else 0.5
+    if not 0.0 <= options.overlap <= MAX_OVERLAP:
+        raise InputError(f"overlap must be between 0 and {MAX_OVERLAP}, got {options.overlap}")
+    return float(options.overlap)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,8 +206,9 @@ class SlabEngine:
         d = model.slab_depth
         s = model.input_size
         nz, ny, nx = volume.shape
-        overlap = 0.0 if opts.fast else min(max(opts.overlap, 0.0), 0.9)
+        overlap = effective_overlap(opts)
         z_stride = max(1, int(round(d * (1.0 - overlap))))
+        self.stats["slab_stride"] = z_stride
         z_starts = window_starts(nz, d, z_stride)
         y_starts = window_starts(ny, s, s // 2)
         x_starts = window_starts(nx, s, s // 2)
@@ -258,6 +272,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     if options.threads or torch.get_num_threads() > physical_cores():
         torch.set_num_threads(options.threads or physical_cores())
     _check_image(image)
+    effective_overlap(options)  # a bad overlap is an error before any work
     spacing = list(card.target_spacing)
     if options.fast:
         spacing[2] *= 1.5
