@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from masksam_core.model.decoder import depth_pe
 from masksam_core.model.masksam import MaskSAM, example_decoder_items
 from masksam_core.model.recipes import architecture_for_recipe
 from masksam_core.model.token_layout import attend, embed_masks, upscale_masks
@@ -100,8 +101,8 @@ def _reference_decoder(decoder: nn.Module, image_embeddings, image_pe, sparse, d
 
 
 def test_decoder_equals_sams_modules_composed(model):
-    emb, item, slice_index, sparse, mask_prompts, aux = example_decoder_items(model, 2, torch.Generator().manual_seed(3))
-    from masksam_core.model.decoder import depth_pe
+    gen = torch.Generator().manual_seed(3)
+    emb, item, slice_index, sparse, mask_prompts, aux = example_decoder_items(model, 2, gen)
 
     with torch.no_grad():
         got = model.decode_items(emb, item, slice_index, sparse, mask_prompts, aux)
