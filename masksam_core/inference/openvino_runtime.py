@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..model.decoder import depth_pe
-from ..model.token_layout import embed_masks
+from ..model.token_layout import as_tokens, embed_masks
 
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
@@ -233,7 +233,7 @@ class _DecoderGraph(nn.Module):
         d = model.slab_depth
         with torch.no_grad():
             pe = depth_pe(model.prompt_encoder, model.pe_depth_embedding, torch.arange(d))  # (D, E, h, w)
-        self.register_buffer("pe_tokens", pe.flatten(2).transpose(1, 2).contiguous())
+        self.register_buffer("pe_tokens", as_tokens(pe).contiguous())
 
     def forward(self, embeddings_hwc: torch.Tensor, sparse: torch.Tensor, mask_prompts: torch.Tensor,
                 aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ logits ``Linear(E, C + 1)`` of the last token (P, C + 1).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .adapters import DepthConvTokenAdapter, DepthMLPAdapter
 from .conv import Conv3d, ConvTranspose3d
-from .token_layout import attend, upscale_masks
+from .token_layout import as_tokens, attend, upscale_masks
 
 
 def binarize_and_box_prompts(aux_mask_logits: torch.Tensor, head_boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +66,6 @@ def mask_prompts_at_decoder_size(prompt_encoder: nn.Module, masks: torch.Tensor)
         return masks
     with torch.no_grad():
         return F.interpolate(masks[:, None], size=mask_size, mode="nearest")[:, 0]
-
-
-def _as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(P, E, h, w) -> (P, h·w, E)."""
-    return x.flatten(2).transpose(1, 2)
 
 
 class _LayerAdapters(nn.Module):
@@ -171,7 +166,7 @@ class ClassifierTokenDecoder(nn.Module):
         if tuple(image_embeddings.shape[-2:]) != self.embed_grid:
             raise ValueError(f"image embeddings of {tuple(image_embeddings.shape[-2:])}, the decoder's grid is "
                              f"{self.embed_grid}")
-        return self.forward_tokens(_as_tokens(image_embeddings + dense), _as_tokens(image_pe), sparse, aux_tokens)
+        return self.forward_tokens(as_tokens(image_embeddings + dense), as_tokens(image_pe), sparse, aux_tokens)
 
     def forward_tokens(self, image_tokens: torch.Tensor, pe_tokens: torch.Tensor, sparse: torch.Tensor,
                        aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,14 +184,6 @@ class ClassifierTokenDecoder(nn.Module):
         masks = upscale_masks(base.output_upscaling, keys, hyper, self.embed_grid)
         class_logits = self.class_head(hs[:, -1, :])
         return masks, class_logits
-
-
-def decoder_input_shapes(dim: int, items: int, embed_grid: Tuple[int, int]) -> List[Tuple[int, ...]]:
-    """Shapes of :meth:`ClassifierTokenDecoder.forward`'s inputs for P = ``items`` items and token width E = ``dim``:
-    image embeddings (P, E, h, w), positional encoding (P, E, h, w), sparse (P, 2, E), dense (P, E, h, w),
-    auxiliary tokens (P, E)."""
-    h, w = embed_grid
-    return [(items, dim, h, w), (items, dim, h, w), (items, 2, dim), (items, dim, h, w), (items, dim)]
 
 
 class RefinementHead(nn.Module):

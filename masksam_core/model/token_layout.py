@@ -26,6 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Channels-first maps (P, E, h, w) -> tokens (P, h·w, E), row-major over (h, w)."""
+    return x.flatten(2).transpose(1, 2)
+
+
 def _block_diagonal(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, C) -> (B, heads·T, C): row (h, t) holds x[:, t] on head h's C/heads channels and zeros elsewhere."""
     b, t, c = x.shape
