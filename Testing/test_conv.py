@@ -105,3 +105,18 @@ def test_model_files_keep_their_keys():
     assert isinstance(block[0], Conv3d) and isinstance(up[0], ConvTranspose3d)
     assert set(block.state_dict()) == set(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1),
                                                         nn.InstanceNorm3d(8, affine=True)).state_dict())
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 4, 64, 64), 16), ((1, 2, 3, 128, 96), 2), ((1, 2, 2, 30, 30), 16)])
+def test_prompt_generator_pool_equals_adaptive_average_pool(shape, size):
+    """The prompt generator's block-mean pooling (divisible sizes) and its adaptive fallback give
+    ``adaptive_avg_pool3d``'s values and gradients."""
+    from masksam_core.model.prompt_generator import pool_to
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = pool_to(xa, size), nn.functional.adaptive_avg_pool3d(xb, (shape[2], size, size))
+    assert ya.shape == yb.shape and torch.allclose(ya, yb, atol=1e-6)
+    (ya * yb.detach()).sum().backward()
+    (yb * yb.detach()).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)

@@ -54,6 +54,16 @@ class SkipBranch(nn.Module):
         return self.body(x)
 
 
+def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool3d(x, (D, size, size))`` for x (G, C, D, h, w) -> (G, C, D, size, size): as a plain
+    average pool of (h/size, w/size) blocks when they divide evenly (the same windows; OpenVINO ran the adaptive
+    form on its reference kernel, 6 % of the prompt generator's time), the adaptive pool otherwise."""
+    g, c, d, h, w = x.shape
+    if h % size or w % size:
+        return F.adaptive_avg_pool3d(x, (d, size, size))
+    return F.avg_pool3d(x, (1, h // size, w // size))
+
+
 class PromptGenerator(nn.Module):
     """Predicts auxiliary masks, boxes and classifier tokens for N queries on each of D slices.
 
@@ -149,7 +159,7 @@ class PromptGenerator(nn.Module):
         aux = self.mask_head(x)  # (G, N, D, S, S)
         aux = aux.transpose(1, 2).reshape(g * d, n, s, s)
 
-        pooled_box = torch.cat([F.adaptive_avg_pool3d(t, (d, 2, 2)) for t in stages], dim=1)
+        pooled_box = torch.cat([pool_to(t, 2) for t in stages], dim=1)
         raw = torch.sigmoid(self.box_head(pooled_box))  # (G, N, D, 2, 2): [[x1, y1], [p, q]]
         raw = raw.permute(0, 2, 1, 3, 4).reshape(g * d, n, 4)
         x1y1 = raw[..., 0:2]
@@ -157,7 +167,7 @@ class PromptGenerator(nn.Module):
         boxes = torch.cat([x1y1, x2y2], dim=-1)
 
         p = self.token_pool
-        pooled_tok = torch.cat([F.adaptive_avg_pool3d(t, (d, p, p)) for t in stages], dim=1)
+        pooled_tok = torch.cat([pool_to(t, p) for t in stages], dim=1)
         tokens = self.token_head(pooled_tok)  # (G, N, D, p, p)
         tokens = tokens.permute(0, 2, 1, 3, 4).reshape(g * d, n, p * p)
         tokens = self.token_proj(tokens)
