@@ -87,3 +87,25 @@ def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
     assert info["organs"]["spleen"]["voxels"] == 4 * 2 * 4
     assert info["organs"]["spleen"]["volume_ml"] == pytest.approx(32 * 1.5 / 1000)
     assert info["organs"]["liver"]["confidence"] == pytest.approx(0.75)
+
+
+def test_free_memory_is_released_after_an_openvino_conversion(monkeypatch, tmp_path):
+    """Each IR conversion is followed by a release of the freed heap (the first run's peak RSS; see allocator);
+    a model loaded from the cache does not pay for it."""
+    import sys
+
+    from masksam_core.inference import allocator, openvino_runtime
+
+    pytest.importorskip("openvino")
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert allocator.release_free_memory() is True
+    calls = []
+    monkeypatch.setattr(openvino_runtime, "release_free_memory", lambda: calls.append(1))
+    module = torch.nn.Linear(4, 3).eval()
+    openvino_runtime.OpenVINOModel(module, (torch.zeros(2, 4),), "t", threads=1, cache_root=tmp_path)
+    assert calls == [1]
+    openvino_runtime.OpenVINOModel(module, (torch.zeros(2, 4),), "t", threads=1, cache_root=tmp_path)
+    assert calls == [1]  # converted once; the second load reads the cache

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from ..model.decoder import depth_pe
 from ..model.token_layout import as_tokens, embed_masks
+from .allocator import release_free_memory
 
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
@@ -111,6 +112,7 @@ class OpenVINOModel:
         xml = self.folder / f"{self.kind}.xml"
         if not xml.exists():
             self._convert(module, example_inputs, root)
+            release_free_memory()  # the conversion's garbage: 0.3-0.6 GB per IR otherwise kept (see allocator)
         core = ov.Core()
         self.streams = max(1, min(int(streams), int(threads)))
         # One compiled-kernel cache per precision: OpenVINO (2026.4, 2 AMX cores, measured) reused an f32 blob for
