@@ -27,7 +27,7 @@ _applied = None
 
 
 def _libc():
-    """glibc, or None (another platform or libc)."""
+    """The C library on Linux (glibc, or another libc that may lack ``mallopt`` and ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
