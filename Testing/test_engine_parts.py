@@ -49,18 +49,20 @@ def test_training_state_restores_every_random_stream(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["training_state.pt"]
 
 
-def test_allocator_tuning_is_applied_once_and_harmless():
+def _on_glibc() -> bool:
+    import platform
     import sys
 
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def test_allocator_tuning_is_applied_once_and_harmless():
     from masksam_core.inference import allocator
 
     first = allocator.tune_allocator()
     assert allocator.tune_allocator() is first  # once per process
-    if sys.platform.startswith("linux"):
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            assert first is True
+    if _on_glibc():
+        assert first is True
 
 
 def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
@@ -92,16 +94,11 @@ def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
 def test_free_memory_is_released_after_an_openvino_conversion(monkeypatch, tmp_path):
     """Each IR conversion is followed by a release of the freed heap (the first run's peak RSS; see allocator);
     a model loaded from the cache does not pay for it."""
-    import sys
-
     from masksam_core.inference import allocator, openvino_runtime
 
     pytest.importorskip("openvino")
-    if sys.platform.startswith("linux"):
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            assert allocator.release_free_memory() is True
+    if _on_glibc():
+        assert allocator.release_free_memory() is True
     calls = []
     monkeypatch.setattr(openvino_runtime, "release_free_memory", lambda: calls.append(1))
     module = torch.nn.Linear(4, 3).eval()

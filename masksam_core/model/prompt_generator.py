@@ -58,7 +58,7 @@ def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
     """``adaptive_avg_pool3d(x, (D, size, size))`` for x (G, C, D, h, w) -> (G, C, D, size, size): as a plain
     average pool of (h/size, w/size) blocks when they divide evenly (the same windows; OpenVINO ran the adaptive
     form on its reference kernel, 6 % of the prompt generator's time), the adaptive pool otherwise."""
-    g, c, d, h, w = x.shape
+    d, h, w = x.shape[-3:]
     if h % size or w % size:
         return F.adaptive_avg_pool3d(x, (d, size, size))
     return F.avg_pool3d(x, (1, h // size, w // size))
