@@ -99,6 +99,30 @@ def test_existing_output_is_never_overwritten_without_asking(tiny, dataset, tmp_
         _train(["--data", str(dataset), "--out", str(tmp_path / "new"), "--max-steps", "2", "--resume"] + COMMON)
 
 
+def test_resume_takes_the_saved_configuration_and_refuses_a_different_one(tmp_path):
+    from masksam_core.train import parse_config
+    from masksam_core.training.config import TrainConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = TrainConfig(data="/old/place", out=str(out), max_steps=2150, prompt_fraction=0.7907, point_aux_steps=1400,
+                        slab_depth=4, spacing=[1.6, 1.6, 3.0], classes=["liver", "aorta"], feature_copies=4,
+                        max_decoded=6)
+    (out / "train_config.json").write_text(json.dumps(saved.to_dict()))
+    cfg = parse_config(["--out", str(out), "--resume", "--data", "/new/place", "--device", "cpu"])
+    assert (cfg.max_steps, cfg.prompt_fraction, cfg.point_aux_steps, cfg.slab_depth) == (2150, 0.7907, 1400, 4)
+    assert (cfg.data, cfg.device, cfg.resume) == ("/new/place", "cpu", True)  # where and how may change
+    same = parse_config(["--out", str(out), "--resume", "--max-steps", "2150", "--spacing", "1.6,1.6,3",
+                         "--classes", "liver,aorta"])  # the original command again: accepted
+    assert same.to_dict() == {**cfg.to_dict(), "data": "/old/place", "device": "auto"}
+    config_file = tmp_path / "c.yaml"  # a config file's values count as given, like the command line's
+    config_file.write_text("max_steps: 1750\nslab_depth: 4\n")
+    with pytest.raises(MaskSAMError, match=r"max_steps \(given 1750, saved 2150\)"):
+        parse_config(["--out", str(out), "--resume", "--config", str(config_file)])
+    with pytest.raises(MaskSAMError, match=r"point_aux_steps \(given 0, saved 1400\); prompt_fraction \(given 0.5"):
+        parse_config(["--out", str(out), "--resume", "--prompt-fraction", "0.5", "--point-aux-steps", "0"])
+
+
 def test_config_file_and_effective_config(tiny, dataset, tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("max_steps: 3\nsteps_per_epoch: 3\nslab_depth: 2\nnum_queries: 6\nfeature_copies: 1\n"
@@ -154,7 +178,7 @@ def test_resume_after_sigkill_gives_the_same_weights(dataset, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     state = torch.load(tmp_path / "b" / "state" / "training_state.pt", weights_only=True)
     assert state["trainer"]["step"] == 4  # the last checkpoint before the kill
-    resumed = _child(args + ["--out", str(tmp_path / "b"), "--resume"])
+    resumed = _child(["--out", str(tmp_path / "b"), "--resume"])  # the rest comes from the saved configuration
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(tmp_path / "a" / "latest" / "weights.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "latest" / "weights.pt", weights_only=True)

@@ -18,7 +18,7 @@ import json
 from typing import Optional, Sequence
 
 from .cli_util import run_cli
-from .training.config import AUX_BCE_MODES, TrainConfig, merge_config, read_config_file
+from .training.config import AUX_BCE_MODES, TrainConfig, merge_config, read_config_file, resumed_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
     v.add_argument("--val-slices", help="within-case split, e.g. 's1:18-23,42-47' (original slice indices), or "
                    "'auto': in every case, one block of 6 slices in four at the model's spacing (a quarter)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue an interrupted run in --out with its saved configuration (train_config.json); "
+                        "other options may be left out")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int)
@@ -81,7 +83,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
     file_values = read_config_file(args.config) if args.config else {}
-    return merge_config(file_values, cli)
+    cfg = merge_config(file_values, cli)
+    if cfg.resume and cfg.out:
+        cfg = resumed_config(cfg, set(file_values) | {k for k, v in cli.items() if v is not None})
+    return cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from ..errors import MaskSAMError
 
 AUX_BCE_MODES = ("mean", "balanced")  # dense auxiliary BCE of class-bound matching (SetCriterion.aux_bce)
+# Options that --resume may take from the new command line instead of the interrupted run's saved configuration:
+# where things are and how the run is watched, nothing that changes what is trained.
+RESUME_MAY_CHANGE = ("data", "out", "resume", "overwrite", "device", "cache_dir", "progress")
+SAVED_CONFIG = "train_config.json"
 
 
 @dataclass
@@ -125,3 +129,31 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
         raise MaskSAMError("--val-fraction must be between 0 and 1")
     return cfg
+
+
+def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
+    """``--resume``: the interrupted run's saved configuration (``OUT/train_config.json``).
+
+    ``given`` is the configuration of the new command line and ``given_names`` the options it (or its ``--config``
+    file) set. Options in ``RESUME_MAY_CHANGE`` that it set are taken from it; any other option given with a value other than
+    the saved one is an error, so a resumed run never silently trains something else (a different step count or
+    schedule) than the run it continues. Without a saved configuration ``given`` is returned unchanged.
+    """
+    path = Path(given.out) / SAVED_CONFIG
+    if not path.is_file():
+        return given
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MaskSAMError(f"cannot resume: {path} is unreadable ({exc})") from None
+    names = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in names}
+    given_values = given.to_dict()
+    differ = [f"{k} (given {given_values[k]!r}, saved {saved[k]!r})" for k in sorted(given_names & set(saved))
+              if k not in RESUME_MAY_CHANGE and given_values[k] != saved[k]]
+    if differ:
+        raise MaskSAMError(f"--resume continues the run with its saved configuration ({path}), but these options "
+                           f"differ from it: {'; '.join(differ)}. Leave them out, or start a new run in another "
+                           f"--out folder.")
+    kept = {k: given_values[k] for k in RESUME_MAY_CHANGE if k in given_names}
+    return merge_config({**saved, **kept, "resume": True, "overwrite": False}, {})

@@ -35,7 +35,7 @@ from ..model.card_text import write_card_readme
 from ..model.folder import load_model, save_model_folder
 from ..model.masksam import MaskSAM
 from ..model.recipes import architecture_for_recipe
-from .config import TrainConfig
+from .config import SAVED_CONFIG, TrainConfig
 from .loop import LoopConfig, Trainer
 from .progress_log import Progress, TrainingLog, plot_curves
 from .state import load_state, restore_rng, rng_state, save_state
@@ -284,7 +284,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         shutil.rmtree(out)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = TrainingLog(out, trainer.criterion.loss_names(), classes, resume_step=resume_step) if main_proc else None
     progress = Progress(max_steps, initial=trainer.step, json_lines=cfg.progress == "json", disable=not main_proc)
     organ_of = {k + 1: n for k, n in enumerate(classes)}
