@@ -106,3 +106,45 @@ def test_free_memory_is_released_after_an_openvino_conversion(monkeypatch, tmp_p
     assert calls == [1]
     openvino_runtime.OpenVINOModel(module, (torch.zeros(2, 4),), "t", threads=1, cache_root=tmp_path)
     assert calls == [1]  # converted once; the second load reads the cache
+
+
+def test_unused_openvino_conversions_are_retired(tmp_path):
+    """Conversions of another code or OpenVINO version go after a week unused, any after 90 days unused, killed
+    half-written ones after a day; the current ones in use, and anything that is not a conversion, stay."""
+    import os
+
+    from masksam_core.inference.ir_cache import prune
+
+    now = 1_800_000_000.0
+    day = 86400.0
+    current = "-ov2026.4.1_x-code0123abcd"
+    folders = {  # name -> days since last use
+        f"encoder-{'a' * 16}-256{current}": 30,  # in use: stays
+        f"decoder-{'b' * 16}-d4-64x64-tokens{current}": 100,  # an old model's: goes
+        f"encoder-{'a' * 16}-256-ov2026.4.1_x-code99999999": 8,  # older code, a week unused: goes
+        f"prompt_generator-{'c' * 16}-d4-s256-ov2026.3.0_y-code0123abcd": 2,  # another OpenVINO, recent: stays
+        f".encoder-{'d' * 16}-256{current}.tmp-k1ll3d": 2,  # half-written by a killed process: goes
+        f".encoder-{'e' * 16}-256{current}.tmp-busy": 0.1,  # being written right now: stays
+        "my_notes": 400,  # not a conversion: stays
+    }
+    for name, idle in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.bin").write_bytes(b"0")
+        os.utime(tmp_path / name, (now - idle * day, now - idle * day))
+    removed = {p.name for p in prune(tmp_path, current, now=now)}
+    gone = {n for n in folders if n.startswith(("decoder-", ".encoder-dddd")) or "code99999999" in n}
+    assert removed == gone
+    assert {p.name for p in tmp_path.iterdir()} == set(folders) - gone
+
+
+def test_loading_a_conversion_marks_it_used(tmp_path):
+    import os
+
+    from masksam_core.inference import openvino_runtime
+
+    pytest.importorskip("openvino")
+    module = torch.nn.Linear(4, 3).eval()
+    model = openvino_runtime.OpenVINOModel(module, (torch.zeros(2, 4),), "t", threads=1, cache_root=tmp_path)
+    os.utime(model.folder, (1_000_000_000, 1_000_000_000))
+    again = openvino_runtime.OpenVINOModel(module, (torch.zeros(2, 4),), "t", threads=1, cache_root=tmp_path)
+    assert again.folder == model.folder and model.folder.stat().st_mtime > 1_700_000_000

@@ -37,6 +37,7 @@ import torch.nn as nn
 from ..model.decoder import depth_pe
 from ..model.token_layout import as_tokens, embed_masks
 from .allocator import release_free_memory
+from .ir_cache import mark_used, prune
 
 RUNTIMES = ("auto", "torch", "openvino")
 # The decoder runs its groups on 2 concurrent streams (OpenVINO's throughput mode; capped at the thread count):
@@ -86,6 +87,14 @@ def graph_code_hash() -> str:
     return digest.hexdigest()[:8]
 
 
+@functools.lru_cache(maxsize=None)
+def _prune_once(root: Path, suffix: str) -> None:
+    """Retire unused IR folders (``ir_cache.prune``), once per process and cache folder."""
+    removed = prune(root, suffix)
+    if removed:
+        print(f"removed {len(removed)} unused OpenVINO conversion(s) from {root}", file=sys.stderr, flush=True)
+
+
 def default_cache_root() -> Path:
     from ..sample_data import cache_root
 
@@ -96,7 +105,8 @@ class OpenVINOModel:
     """A frozen torch module converted once to OpenVINO IR (static input shapes) and compiled for the CPU.
 
     The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>-code<graph_code_hash>"``;
-    OpenVINO's compiled kernels in its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Subclasses give
+    OpenVINO's compiled kernels in its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Each load marks
+    the folder used, and unused ones are retired (``ir_cache``). Subclasses give
     the example inputs and call the compiled model.
     """
 
@@ -108,11 +118,14 @@ class OpenVINOModel:
 
         root = Path(cache_root) if cache_root is not None else default_cache_root()
         version = re.sub(r"[^0-9A-Za-z.]+", "_", openvino_version() or "none")
-        self.folder = root / f"{self.kind}-{weights_hash(module)}-{shape_key}-ov{version}-code{graph_code_hash()}"
+        suffix = f"-ov{version}-code{graph_code_hash()}"
+        self.folder = root / f"{self.kind}-{weights_hash(module)}-{shape_key}{suffix}"
         xml = self.folder / f"{self.kind}.xml"
+        _prune_once(root, suffix)
         if not xml.exists():
             self._convert(module, example_inputs, root)
             release_free_memory()  # the conversion's garbage: 0.3-0.6 GB per IR otherwise kept (see allocator)
+        mark_used(self.folder)
         core = ov.Core()
         self.streams = max(1, min(int(streams), int(threads)))
         # One compiled-kernel cache per precision: OpenVINO (2026.4, 2 AMX cores, measured) reused an f32 blob for
