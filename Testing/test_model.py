@@ -30,6 +30,15 @@ def _reference_encoder(backbone, x):
     return enc.neck(h.view(h.shape[0], r[0], r[1], -1).permute(0, 3, 1, 2))
 
 
+def _assert_same_to_float_rounding(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """The encoder computes its backbone's function, not bit for bit: TinyViT's window attention scales the queries
+    instead of the scores (model/window_attention.py), which rounds differently in float32 (up to 3e-6 of the
+    range; a trained adapter changes the output by orders of magnitude more)."""
+    assert ours.shape == reference.shape
+    err = float((ours - reference).abs().max() / reference.abs().max())
+    assert err < 1e-5, err
+
+
 def _config(family: str, recipe: str = "gpu", depth: int = 4, queries: int = 5, classes: int = 4) -> MaskSAMConfig:
     stages = 5 if family == "vit" else 3
     return architecture_for_recipe(recipe, classes, depth, queries, prompt_channels=[8] * stages)
@@ -69,7 +78,7 @@ def test_zero_initialised_adapters_reproduce_the_backbone(family, mode):
     with torch.no_grad():
         neck = model.encoder(x)[0]
         reference = _reference_encoder(backbone, x)
-    assert torch.equal(neck, reference)
+    _assert_same_to_float_rounding(neck, reference)
 
 
 def test_adapters_change_the_output_once_trained():
@@ -355,7 +364,7 @@ def test_litemedsam_weights_load_and_adapters_are_inert_on_a_real_slice(litemeds
         ours = model.encoder(x)[0]
         ref = litemedsam.image_encoder(x)
     assert ours.shape == (1, 256, 64, 64)
-    assert torch.equal(ours, ref)
+    _assert_same_to_float_rounding(ours, ref)
     assert ref.abs().mean() > 0.01  # a real embedding, not zeros
 
 

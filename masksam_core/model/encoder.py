@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import DepthConvAdapter
+from .window_attention import window_attention
 
 ADAPTER_MODES = ("unpartitioned", "official")
 
@@ -148,37 +149,43 @@ class TinyViTFeatureEncoder(nn.Module):
         h, w = blk.input_resolution
         b, length, c = x.shape
         ws = blk.window_size
-        official = pair is not None and self.adapter_mode == "official"
+        if pair is None or self.adapter_mode != "official":
+            x = window_attention(blk.attn, x.view(b, h, w, c), ws)  # (B, h, w, C)
+            if pair is not None:
+                x = pair.space(x)
+            return x.reshape(b, length, c)
+        # the official code's adapter placement: on the window-partitioned batch
         if h == ws and w == ws:
-            x = blk.attn(x)
-            if official:
-                x = pair.space(x.view(b, h, w, c)).view(b, length, c)
-        else:
-            x = x.view(b, h, w, c)
-            pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-            if pad_b or pad_r:
-                x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-            ph, pw = h + pad_b, w + pad_r
-            nh, nw = ph // ws, pw // ws
-            x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-            x = blk.attn(x)
-            if official:
-                x = pair.space(x.view(-1, ws, ws, c)).view(-1, ws * ws, c)
-            x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-            x = x[:, :h, :w].contiguous().view(b, length, c)
-        if pair is not None and not official:
-            x = pair.space(x.view(b, h, w, c)).view(b, length, c)
-        return x
+            return pair.space(blk.attn(x).view(b, h, w, c)).view(b, length, c)
+        x = x.view(b, h, w, c)
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+        x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        x = pair.space(blk.attn(x).view(-1, ws, ws, c)).view(-1, ws * ws, c)
+        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, nh * ws, nw * ws, c)
+        return x[:, :h, :w].contiguous().view(b, length, c)
 
     def _block(self, blk: nn.Module, pair: Optional[_AdapterPair], x: torch.Tensor) -> torch.Tensor:
         h, w = blk.input_resolution
         b, length, c = x.shape
         x = x + blk.drop_path(self._attention(blk, pair, x))
-        x = blk.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, length).transpose(1, 2)
+        x = blk.local_conv(x.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, length, c)
         out = x + blk.drop_path(blk.mlp(x))
         if pair is not None:
             out = out + 0.5 * pair.mlp(blk.mlp.norm(x).view(b, h, w, c)).view(b, length, c)
         return out
+
+    @staticmethod
+    def _merge(merging: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """TinyViT's PatchMerging (1x1 conv, depthwise 3x3 conv, 1x1 conv) on (B, L, C) tokens or (B, C, h, w) maps
+        -> (B, L', C') tokens, read back through a channels-last view (see :meth:`_block`)."""
+        if x.ndim == 3:
+            h, w = merging.input_resolution
+            x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        x = merging.conv3(merging.act(merging.conv2(merging.act(merging.conv1(x)))))
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """x: (G·D, 3, S, S) -> [neck (G·D, 256, S/4, S/4), stage-3 (G·D, 320, S/4, S/4), stage-1 (G·D, 128, S/2, S/2)]."""
@@ -187,7 +194,10 @@ class TinyViTFeatureEncoder(nn.Module):
         if self.depth_embedding is not None:
             gd = x.shape[0]
             x = x + self.depth_embedding.repeat(gd // self.slab_depth, 1, 1).reshape(gd, -1, 1, 1)
-        x = base.layers[0](x)
+        stem = base.layers[0]  # convolutional (MBConv) blocks on (G·D, C0, h0, w0) maps
+        for blk in stem.blocks:
+            x = blk(x)
+        x = self._merge(stem.downsample, x)
         skip_fine = None
         for li, layer in enumerate(list(base.layers)[1:]):
             for bi, blk in enumerate(layer.blocks):
@@ -195,10 +205,10 @@ class TinyViTFeatureEncoder(nn.Module):
                 x = self._block(blk, pair, x)
             if li == 0:
                 h, w = layer.input_resolution
-                skip_fine = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+                skip_fine = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
             if layer.downsample is not None:
-                x = layer.downsample(x)
+                x = self._merge(layer.downsample, x)
         h, w = base.layers[-1].input_resolution
-        last = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        last = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
         neck = base.neck(last)
         return [neck, last, skip_fine]
