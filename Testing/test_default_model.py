@@ -20,8 +20,8 @@ from masksam_core.predict import main as predict_main
 EXPECTED_CLASSES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                     "adrenal_gland_right", "adrenal_gland_left", "duodenum", "colon", "urinary_bladder", "aorta",
                     "inferior_vena_cava", "portal_vein_and_splenic_vein"]
-# the organs the bundled model finds (validation Dice 0.53-0.94); it misses the stomach and the small organs and
-# vessels (Dice 0 on its validation slices; see its model card)
+# the organs the bundled model finds (validation Dice 0.77-0.96), and the stomach it finds in part (0.42); it misses
+# the gallbladder, pancreas, adrenal glands, duodenum and portal vein (Dice 0 on its validation slices; model card)
 FOUND_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "colon", "urinary_bladder", "aorta",
                 "inferior_vena_cava"]
 
@@ -89,9 +89,10 @@ def test_default_model_finds_the_organs_on_a_512_grid_at_clinical_spacing(totals
             q = p == value
             dice[name] = 2 * np.logical_and(q, t).sum() / (q.sum() + t.sum())
     print(json.dumps({"dice_512_grid": dice}))
-    found = [dice[n] for n in FOUND_ORGANS]  # measured: 0.73-0.92, mean 0.85; all 15: mean 0.49
-    assert min(found) > 0.6 and np.mean(found) > 0.75, dice
-    assert np.mean(list(dice.values())) > 0.4, dice
+    found = [dice[n] for n in FOUND_ORGANS]  # measured (2 AMX cores, bf16): 0.82-0.95, mean 0.89; all 15: mean 0.52
+    assert min(found) > 0.7 and np.mean(found) > 0.8, dice
+    assert dice["stomach"] > 0.45, dice  # measured 0.64
+    assert np.mean(list(dice.values())) > 0.45, dice
 
 
 def test_val_slices_auto_on_s1_is_the_default_models_held_out_split(totalseg_dir: Path, tmp_path):

@@ -438,3 +438,6 @@ def test_model_card_text_keeps_the_lineage_of_fine_tuned_models():
     assert "all 3 runs together: 6906 s" in text
     data["training"] = {"command": "python -m masksam_core.train --config a.yaml"}
     assert "runs together" not in card_markdown(ModelCard.from_dict(data))
+    assert "Note:" not in card_markdown(ModelCard.from_dict(data))
+    data["training"]["note"] = "paused twice for benchmarks"
+    assert "\nNote: paused twice for benchmarks\n" in card_markdown(ModelCard.from_dict(data))

@@ -85,6 +85,8 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
         base = base.get("base_training")
     if depth:
         lines += ["", f"Training time of all {depth + 1} runs together: {total_s:.0f} s."]
+    if tr.get("note"):  # a maintainer's remark on the run (e.g. what its wall time includes)
+        lines += ["", f"Note: {tr['note']}"]
     lines += ["", "Files: `model.json` (this card, machine-readable), `weights.pt` (trained parts only; the frozen "
                   "backbone comes from its own package or file, checked by sha256), `train_config.json` (effective "
                   "configuration), `train_log.csv` and `curves.png` (every loss term and the validation Dice).", ""]
