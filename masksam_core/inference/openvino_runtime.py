@@ -106,8 +106,8 @@ class OpenVINOModel:
 
     The IR lies in ``cache_root / "<kind>-<weights hash>-<shape key>-ov<version>-code<graph_code_hash>"``;
     OpenVINO's compiled kernels in its ``compiled-f32`` or ``compiled-bf16-nosnippets`` subfolder. Each load marks
-    the folder used, and unused ones are retired (``ir_cache``). Subclasses give
-    the example inputs and call the compiled model.
+    the folder used, and unused ones are retired (``ir_cache``). Subclasses give the example inputs and call the
+    compiled model.
     """
 
     kind = "model"

@@ -67,6 +67,11 @@ class TrainConfig:
         return asdict(self)
 
 
+def option_names() -> Set[str]:
+    """The names of every ``TrainConfig`` option."""
+    return {f.name for f in fields(TrainConfig)}
+
+
 def read_config_file(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -89,7 +94,7 @@ def read_config_file(path: str) -> Dict[str, Any]:
 
 def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> TrainConfig:
     """defaults < file < CLI (CLI values of None mean "not given")."""
-    names = {f.name for f in fields(TrainConfig)}
+    names = option_names()
     unknown = sorted(set(file_values) - names)
     if unknown:
         raise MaskSAMError(f"unknown option(s) in the config file: {', '.join(unknown)}")
@@ -135,9 +140,9 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
     """``--resume``: the interrupted run's saved configuration (``OUT/train_config.json``).
 
     ``given`` is the configuration of the new command line and ``given_names`` the options it (or its ``--config``
-    file) set. Options in ``RESUME_MAY_CHANGE`` that it set are taken from it; any other option given with a value other than
-    the saved one is an error, so a resumed run never silently trains something else (a different step count or
-    schedule) than the run it continues. Without a saved configuration ``given`` is returned unchanged.
+    file) set. Options in ``RESUME_MAY_CHANGE`` that it set are taken from it; any other option given with a value
+    other than the saved one is an error, so a resumed run never silently trains something else (a different step
+    count or schedule) than the run it continues. Without a saved configuration ``given`` is returned unchanged.
     """
     path = Path(given.out) / SAVED_CONFIG
     if not path.is_file():
@@ -146,7 +151,7 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise MaskSAMError(f"cannot resume: {path} is unreadable ({exc})") from None
-    names = {f.name for f in fields(TrainConfig)}
+    names = option_names()
     saved = {k: v for k, v in saved.items() if k in names}
     given_values = given.to_dict()
     differ = [f"{k} (given {given_values[k]!r}, saved {saved[k]!r})" for k in sorted(given_names & set(saved))

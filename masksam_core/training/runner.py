@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.volume_io import atomic_output
 from ..errors import MaskSAMError, OutputError
 from ..inference.allocator import tune_allocator
 from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, resolve_device
@@ -284,7 +285,8 @@ def run_training(cfg: TrainConfig) -> Dict:
         shutil.rmtree(out)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        with atomic_output(out / SAVED_CONFIG, overwrite=True) as tmp:  # --resume reads it back
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = TrainingLog(out, trainer.criterion.loss_names(), classes, resume_step=resume_step) if main_proc else None
     progress = Progress(max_steps, initial=trainer.step, json_lines=cfg.progress == "json", disable=not main_proc)
     organ_of = {k + 1: n for k, n in enumerate(classes)}
