@@ -164,6 +164,48 @@ def test_segment_takes_the_threshold_from_the_model_card(model):
     assert sitk.GetArrayFromImage(labels).max() == 0  # no organ is that sure
 
 
+def test_class_bound_models_do_not_decode_the_background_query(model):
+    """Query 0 of a class-bound model answers for the background; under a background threshold (the background
+    channel is then the threshold) the engine does not decode it, and every other query's output is unchanged."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    from masksam_core.inference.engine import segment, skipped_queries
+    from masksam_core.labels import class_entries
+    from masksam_core.model.card import make_card
+
+    card = make_card("t", "tinyvit", "x", model.input_size, model.config, class_entries(["liver", "spleen"]),
+                     (1.0, 1.0, 1.0), {"mode": "ct_window", "window": [-160.0, 240.0]},
+                     training={"matching": "class_bound"}, inference={"background_threshold": 0.5})
+    assert skipped_queries(card, InferenceOptions(background_threshold=0.5)) == [0]
+    assert skipped_queries(card, InferenceOptions()) == []  # the spec's fusion: the background's score competes
+    assert skipped_queries(card, InferenceOptions(background_threshold=0.5, skip_background_query=False)) == []
+    hungarian = dataclasses.replace(card, training={"matching": "hungarian"})
+    assert skipped_queries(hungarian, InferenceOptions(background_threshold=0.5)) == []
+
+    slab = torch.from_numpy(_volume(z=2))[None, None]
+    with torch.no_grad():
+        stem = model.apply_stem(slab)
+        feats = model.encode(stem)
+        full = model.forward_features(feats, stem)
+        part = model.forward_features(feats, stem, skip_queries=[0])
+    assert full["decoded"].all() and not part["decoded"][:, 0].any() and part["decoded"][:, 1:].all()
+    assert torch.allclose(part["pred_masks"][:, 1:], full["pred_masks"][:, 1:], atol=1e-5)
+    assert torch.allclose(part["pred_logits"][:, 1:], full["pred_logits"][:, 1:], atol=1e-5)
+    assert float(semantic_probabilities({k: v[:, :1] for k, v in part.items()})[:, 1:].abs().max()) == 0.0
+
+    image = sitk.GetImageFromArray((_volume(z=4) * 400 - 100).astype(np.float32))
+    stats = {}
+    for skip in (True, False):
+        opts = InferenceOptions(precision="fp32", prune_empty_queries=False, skip_background_query=skip)
+        stats[skip] = segment(image, model, card, opts)[1]["engine_stats"]
+    n = model.config.num_queries
+    assert stats[True]["skipped_queries"] == [0] and stats[False]["skipped_queries"] == []
+    assert stats[False]["decoded_queries"] == stats[False]["slabs"] * n
+    assert stats[True]["decoded_queries"] == stats[True]["slabs"] * (n - 1)
+
+
 openvino_missing = pytest.mark.skipif(
     __import__("masksam_core.inference.openvino_runtime", fromlist=["x"]).openvino_version() is None,
     reason="openvino is not installed")

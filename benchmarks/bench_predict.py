@@ -29,7 +29,8 @@ from masksam_core.demo import dice_by_name
 SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32": ["--precision", "fp32"],
             "bf16": ["--precision", "bf16"], "fast-bf16": ["--fast", "--precision", "bf16"],
             "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"],
-            "overlap25": ["--overlap", "0.25"], "overlap0": ["--overlap", "0"]}
+            "overlap25": ["--overlap", "0.25"], "overlap0": ["--overlap", "0"],
+            "decode-background": ["--decode-background-query"]}
 
 
 def ct_like(size, spacing) -> sitk.Image:
@@ -98,6 +99,7 @@ def main() -> None:
         row = {"bench": "predict", "setting": name, "input": str(src.name), "size": args.size,
                "spacing": args.spacing, "wall_s": round(wall, 1), "engine_s": side["runtime_s"],
                "encoder_runtime": side.get("encoder_runtime"),
+               "decoded_queries": side.get("engine_stats", {}).get("decoded_queries"),  # (slab, query) pairs
                "input_slices_per_s": round(args.size[2] / wall, 2), "z_extent_mm": z_mm,
                "peak_rss_mb": round(max(peak, before) / 1024, 0)}
         if ref is not None:

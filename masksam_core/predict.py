@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=("bar", "json"), default="bar", help="progress as a bar or JSON lines")
     p.add_argument("--cleanup", action="store_true", help="keep only the largest connected part of each organ")
     p.add_argument("--no-prune", action="store_true", help="decode every query, even those with empty masks")
+    p.add_argument("--decode-background-query", action="store_true",
+                   help="also decode a class-bound model's background query (skipped by default: it only adds "
+                        "its small organ share under the model's background threshold)")
     p.add_argument("--overlap", type=float, default=None,
                    help="fraction of a slab shared with the next, 0 to 0.75 (default 0.5; 0 with --fast): less is "
                         "faster, see README's speed section for what it costs")
@@ -197,6 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
     overlap = {} if args.overlap is None else {"overlap": args.overlap}
     options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
+                               skip_background_query=not args.decode_background_query,
                                cleanup=args.cleanup, precision=args.precision, runtime=args.runtime, **overlap)
     report, close = make_progress(args.progress)
     try:

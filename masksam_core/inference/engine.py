@@ -23,7 +23,7 @@ import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,8 @@ class InferenceOptions:
     overlap: fraction of a slab shared with the next one, in [0, 0.75]; None: 0.5, or 0 in fast mode. The slab
         stride is round(D · (1 - overlap)) slices, at least 1.
     prune_empty_queries: do not run SAM's decoder for queries whose auxiliary mask is empty on the whole slab.
+    skip_background_query: do not run SAM's decoder for the background's query of a class-bound model with a
+        background threshold (see :func:`skipped_queries`).
     skip_outside_body: crop to the body (CT) before segmenting.
     cleanup: keep only the largest connected component of each organ.
     precision: "auto" (bf16 on CUDA and on OpenVINO on a CPU with native bf16, fp32 otherwise: see
@@ -61,6 +63,7 @@ class InferenceOptions:
     fast: bool = False
     overlap: Optional[float] = None
     prune_empty_queries: bool = True
+    skip_background_query: bool = True
     skip_outside_body: bool = True
     cleanup: bool = False
     precision: str = "auto"
@@ -142,6 +145,22 @@ def largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def skipped_queries(card: ModelCard, options: InferenceOptions) -> List[int]:
+    """Queries the engine never decodes: [0] or [].
+
+    A class-bound model (``training.matching`` "class_bound": query c answers for class c) has one query for the
+    background, class 0. Under a background threshold the background channel is the constant threshold, so that
+    query's decoded mask only adds the organ share of its class softmax (it is trained to say "background" on every
+    slice) while being decoded on every slab: 1 in 8 of the decoded items on the example CT. Skipped when
+    ``options.skip_background_query`` (and ``options.background_threshold`` is set); measured in
+    ``benchmarks/bench_predict.py --settings default,decode-background``.
+    """
+    if (options.skip_background_query and options.background_threshold is not None
+            and card.training.get("matching") == "class_bound"):
+        return [0]
+    return []
+
+
 class _FeatureCache:
     """Per-slice encoder features, least-recently-used, for encoders that see each slice alone."""
 
@@ -165,9 +184,11 @@ class _FeatureCache:
 class SlabEngine:
     """Runs a loaded MaskSAM over a normalised model-space volume and returns blended class probabilities."""
 
-    def __init__(self, model: MaskSAM, options: InferenceOptions) -> None:
+    def __init__(self, model: MaskSAM, options: InferenceOptions, skip_queries: Sequence[int] = ()) -> None:
+        """skip_queries: queries never decoded (:func:`skipped_queries`)."""
         self.model = model
         self.options = options
+        self.skip_queries = list(skip_queries)
         self.device = next(model.parameters()).device
         from .openvino_runtime import make_encoder_runner, make_part_runner, resolve_runtime
 
@@ -237,7 +258,8 @@ class SlabEngine:
                     stem_out = model.apply_stem(x)
                     feats = self._features_for(t, [z if z < nz else -1 - z for z in z_idx], x, stem_out, cache)
                     out = model.forward_features(feats, stem_out, decode=decode, decoder=self.decode_items,
-                                                 prompt_generator=self.generate_prompts)
+                                                 prompt_generator=self.generate_prompts,
+                                                 skip_queries=self.skip_queries)
                     self.stats["slabs"] += 1
                     self.stats["decoded_queries"] += int(out["decoded"][::d].sum())  # (slab, query) pairs
                     sem = semantic_probabilities(out, size=(s, s),
@@ -296,7 +318,7 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     if progress:
         progress("prepare", 0, 1)
     try:
-        engine = SlabEngine(model, options)
+        engine = SlabEngine(model, options, skipped_queries(card, options))
     except ValueError as exc:  # runtime "openvino" asked for where it cannot run
         raise InputError(str(exc)) from None
     if progress:
@@ -321,7 +343,8 @@ def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optiona
     sidecar["encoder_runtime"] = engine.runtime
     sidecar["decoder_runtime"] = engine.decoder_runtime
     sidecar["prompt_generator_runtime"] = engine.prompt_generator_runtime
-    sidecar["engine_stats"] = {**engine.stats, "queries": model.config.num_queries}
+    sidecar["engine_stats"] = {**engine.stats, "queries": model.config.num_queries,
+                               "skipped_queries": engine.skip_queries}
     if progress:
         progress("postprocess", 1, 1)
     return out, sidecar

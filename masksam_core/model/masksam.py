@@ -221,7 +221,8 @@ class MaskSAM(nn.Module):
 
     def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
                          decode: Optional[torch.Tensor] = None, decoder: Optional[Callable] = None,
-                         prompt_generator: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+                         prompt_generator: Optional[Callable] = None,
+                         skip_queries: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
         """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S).
 
         ``decode``: (G, N) bool choosing the (slab, query) pairs to decode, ``None`` for all, a callable that
@@ -235,6 +236,9 @@ class MaskSAM(nn.Module):
         ``decoder``: what runs :meth:`decode_items` (same arguments and outputs), ``prompt_generator``: what runs
         :attr:`prompt_generator` (same arguments and outputs), e.g. the engine's OpenVINO runners at CPU inference;
         None for the modules.
+
+        ``skip_queries``: query indices never decoded, whatever ``decode`` says (inference: the background's query
+        of a class-bound model, see ``inference.engine.skipped_queries``).
         """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
@@ -253,6 +257,9 @@ class MaskSAM(nn.Module):
             decode = masks.flatten(3).amax(dim=(1, 3)) > 0  # (G, N): the query's aux mask is non-empty somewhere
         if decode.shape != (g, n):
             raise ValueError(f"decode must have shape {(g, n)}, got {tuple(decode.shape)}")
+        if len(skip_queries):
+            decode = decode.clone()
+            decode[:, list(skip_queries)] = False
         sel_g, sel_q = torch.nonzero(decode, as_tuple=True)  # groups (slab, query), in (g, q) order
         n_sel = sel_g.shape[0]
         mh = 4 * self.embed_grid[0]
