@@ -20,8 +20,8 @@ from masksam_core.predict import main as predict_main
 EXPECTED_CLASSES = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                     "adrenal_gland_right", "adrenal_gland_left", "duodenum", "colon", "urinary_bladder", "aorta",
                     "inferior_vena_cava", "portal_vein_and_splenic_vein"]
-# the organs the bundled model finds (validation Dice 0.77-0.96), and the stomach it finds in part (0.42); it misses
-# the gallbladder, pancreas, adrenal glands, duodenum and portal vein (Dice 0 on its validation slices; model card)
+# the organs the bundled model finds (validation Dice 0.75-0.95), and those it finds in part (stomach 0.46, duodenum
+# 0.32, adrenal glands 0.07 on its validation slices); it misses the gallbladder, pancreas and portal vein (model card)
 FOUND_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "colon", "urinary_bladder", "aorta",
                 "inferior_vena_cava"]
 
@@ -89,10 +89,11 @@ def test_default_model_finds_the_organs_on_a_512_grid_at_clinical_spacing(totals
             q = p == value
             dice[name] = 2 * np.logical_and(q, t).sum() / (q.sum() + t.sum())
     print(json.dumps({"dice_512_grid": dice}))
-    found = [dice[n] for n in FOUND_ORGANS]  # measured (2 AMX cores, bf16): 0.82-0.95, mean 0.89; all 15: mean 0.52
+    found = [dice[n] for n in FOUND_ORGANS]  # measured (2 AMX cores, bf16): 0.79-0.94, mean 0.88; all 15: mean 0.585
     assert min(found) > 0.7 and np.mean(found) > 0.8, dice
-    assert dice["stomach"] > 0.45, dice  # measured 0.64
-    assert np.mean(list(dice.values())) > 0.45, dice
+    assert dice["stomach"] > 0.5, dice  # measured 0.67
+    assert dice["duodenum"] > 0.3 and dice["adrenal_gland_right"] > 0.25, dice  # measured 0.46 and 0.40
+    assert np.mean(list(dice.values())) > 0.52, dice
 
 
 def test_val_slices_auto_on_s1_is_the_default_models_held_out_split(totalseg_dir: Path, tmp_path):
