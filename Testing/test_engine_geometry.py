@@ -40,12 +40,14 @@ class BrightOracle(nn.Module):
         g, c, d, s, _ = stem_out.shape
         return (encoder or self.encoder)(stem_out.transpose(1, 2).reshape(g * d, c, s, s))
 
-    def forward_features(self, feats, stem_out, decode=None, decoder=None, prompt_generator=None):
+    def forward_features(self, feats, stem_out, decode=None, decoder=None, prompt_generator=None, skip_queries=()):
         img = feats[0][:, 0].float()
         fg = (img - self.threshold) * 40
         masks = torch.stack([-fg, fg], dim=1)
         logits = torch.tensor([[20.0, -20.0, -20.0], [-20.0, 20.0, -20.0]]).expand(img.shape[0], 2, 3)
-        return {"pred_logits": logits, "pred_masks": masks, "decoded": torch.ones(img.shape[0], 2, dtype=torch.bool)}
+        decoded = torch.ones(img.shape[0], 2, dtype=torch.bool)
+        decoded[:, list(skip_queries)] = False
+        return {"pred_logits": logits, "pred_masks": masks, "decoded": decoded}
 
 
 def oracle_card(spacing=(1.0, 1.0, 2.0), window=(0.0, 1.0)):
