@@ -1,7 +1,10 @@
 """Pieces of the inference engine and training bookkeeping that need no model."""
 from __future__ import annotations
 
+import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +54,6 @@ def test_training_state_restores_every_random_stream(tmp_path):
 
 def _on_glibc() -> bool:
     import platform
-    import sys
 
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -63,6 +65,27 @@ def test_allocator_tuning_is_applied_once_and_harmless():
     assert allocator.tune_allocator() is first  # once per process
     if _on_glibc():
         assert first is True
+
+
+def test_training_asks_torch_for_huge_pages_before_importing_it():
+    """``python -m masksam_core.train`` sets torch's THP_MEM_ALLOC_ENABLE before torch is imported (torch reads it
+    once); a value the user set wins, and after torch's import the setting is only reported, not changed."""
+    import subprocess
+
+    probe = ("import os, sys; import masksam_core.train; assert 'torch' not in sys.modules, 'train imports torch'; "
+             "from masksam_core.cli_util import ask_torch_for_huge_pages as ask; r = ask(); import torch; "
+             "print(r, os.environ.get('THP_MEM_ALLOC_ENABLE'), ask())")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    for preset, expected in ((None, "True 1 True"), ("0", "False 0 False")):
+        run_env = env if preset is None else {**env, "THP_MEM_ALLOC_ENABLE": preset}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split()
+    late = "import os, torch; from masksam_core.cli_util import ask_torch_for_huge_pages as a; print(a(), " \
+           "os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "None"]
+    source = Path(__file__).resolve().parents[1] / "masksam_core" / "train.py"
+    assert "ask_torch_for_huge_pages()" in source.read_text().split('if __name__ == "__main__":')[1]
 
 
 def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
@@ -111,8 +134,6 @@ def test_free_memory_is_released_after_an_openvino_conversion(monkeypatch, tmp_p
 def test_unused_openvino_conversions_are_retired(tmp_path):
     """Conversions of another code or OpenVINO version go after a week unused, any after 90 days unused, killed
     half-written ones after a day; the current ones in use, and anything that is not a conversion, stay."""
-    import os
-
     from masksam_core.inference.ir_cache import prune
 
     now = 1_800_000_000.0
@@ -138,8 +159,6 @@ def test_unused_openvino_conversions_are_retired(tmp_path):
 
 
 def test_loading_a_conversion_marks_it_used(tmp_path):
-    import os
-
     from masksam_core.inference import openvino_runtime
 
     pytest.importorskip("openvino")

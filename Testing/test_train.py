@@ -465,6 +465,47 @@ def test_class_bound_training_uses_dense_auxiliary_terms():
         assert trainer.criterion.dense_aux is dense
 
 
+def test_prompt_stage_precision_applies_to_the_prompt_generator_steps_only(monkeypatch):
+    """--prompt-stage-precision: the prompt-generator-only steps run under their own autocast (bf16 there is faster
+    on a CPU with native bf16), the decoder steps and validation under --precision's; "auto" is bf16 only where the
+    CPU has native bf16; an unknown value is refused."""
+    from masksam_core.model.masksam import MaskSAM
+    from masksam_core.model.recipes import architecture_for_recipe
+    from masksam_core.training import runner
+    from masksam_core.training.config import merge_config
+    from masksam_core.training.loop import Batch, LoopConfig, Trainer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runner, "cpu_supports_bf16", lambda: True)
+    assert runner.prompt_stage_autocast(cpu, "auto", None) is torch.bfloat16
+    assert runner.prompt_stage_autocast(cpu, "same", None) is None
+    assert runner.prompt_stage_autocast(cpu, "same", torch.bfloat16) is torch.bfloat16
+    assert runner.prompt_stage_autocast(cpu, "fp32", torch.bfloat16) is None
+    assert runner.prompt_stage_autocast(cpu, "bf16", None) is torch.bfloat16
+    monkeypatch.setattr(runner, "cpu_supports_bf16", lambda: False)
+    assert runner.prompt_stage_autocast(cpu, "auto", None) is None
+    with pytest.raises(MaskSAMError, match="prompt-stage-precision"):
+        merge_config({}, {"prompt_stage_precision": "fp16"})
+
+    torch.manual_seed(0)
+    model = MaskSAM(tiny_tinyvit_backbone(), architecture_for_recipe("cpu", 3, 2, 4, None))
+    seen = []
+    model.prompt_generator.register_forward_hook(
+        lambda *_: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    label = torch.zeros(1, 2, 64, 64, dtype=torch.long)
+    label[0, :, 8:24, 8:40] = 1
+    label[0, :, 40:56, 16:48] = 2
+    batch = Batch(slab=torch.randn(1, 1, 2, 64, 64), label=label)
+    trainer = Trainer(model, LoopConfig(max_steps=3, steps_per_epoch=3, prompt_steps=2, matching="class_bound"),
+                      cpu, None, prompt_amp=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        row = trainer.train_step(batch, gen)
+        assert np.isfinite(row["loss"])
+    trainer.validate(iter([batch]), decode=True)
+    assert seen == [torch.bfloat16, torch.bfloat16, None, None]
+
+
 def test_point_sampled_start_then_dense_auxiliary_losses(tiny, dataset, tmp_path, monkeypatch):
     """--point-aux-steps K: class-bound steps before K train the auxiliary masks at sampled points, later ones on
     every pixel (here with --aux-bce balanced); the learning rate restarts at K and at the decoder stage; the card

@@ -17,8 +17,9 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from .cli_util import run_cli
-from .training.config import AUX_BCE_MODES, TrainConfig, merge_config, read_config_file, resumed_config
+from .cli_util import ask_torch_for_huge_pages, run_cli
+from .training.config import (AUX_BCE_MODES, PROMPT_STAGE_PRECISIONS, TrainConfig, merge_config, read_config_file,
+                              resumed_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--prompt-stage-precision", choices=PROMPT_STAGE_PRECISIONS,
+                   help="CPU recipe: autocast of the prompt-generator stage; same (as --precision, the default), "
+                        "auto (bf16 on CUDA and on a CPU with native bf16, fp32 otherwise), bf16 or fp32")
     p.add_argument("--feature-copies", type=int, help="CPU recipe: cached copies per case, 1 plain + augmented (default 4; 1 with --init-from)")
     p.add_argument("--max-decoded", type=int, help="CPU recipe: queries decoded per slab and step (default 6; 3 with --init-from; 0: no cap)")
     p.add_argument("--matching", choices=("auto", "hungarian", "class_bound"),
@@ -101,4 +105,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    ask_torch_for_huge_pages()  # before torch is imported: fewer page faults per step (see its docstring)
     raise SystemExit(run_cli(main))

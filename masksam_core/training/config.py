@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from ..errors import MaskSAMError
 
+PROMPT_STAGE_PRECISIONS = ("same", "auto", "bf16", "fp32")  # see training.runner.prompt_stage_autocast
 AUX_BCE_MODES = ("mean", "balanced")  # dense auxiliary BCE of class-bound matching (SetCriterion.aux_bce)
 # Options that --resume may take from the new command line instead of the interrupted run's saved configuration:
 # where things are and how the run is watched, nothing that changes what is trained.
@@ -48,6 +49,7 @@ class TrainConfig:
     lr: Optional[float] = None
     batch_size: int = 1
     precision: str = "auto"
+    prompt_stage_precision: str = "same"  # the prompt-generator stage's: same (as precision), auto, bf16 or fp32
     feature_copies: Optional[int] = None  # None: 4 for a new model, 1 when fine-tuning (--init-from)
     prompt_fraction: Optional[float] = None  # None: 0.25 for a new model, 0 when fine-tuning (--init-from)
     max_decoded: Optional[int] = None  # None: 6 for a new model, 3 when fine-tuning (--init-from); 0: no cap
@@ -114,6 +116,9 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError("--prompt-fraction must be at least 0 and below 1 (the decoder needs some steps)")
     if int(cfg.point_aux_steps) < 0:
         raise MaskSAMError("--point-aux-steps must be 0 or more")
+    if cfg.prompt_stage_precision not in PROMPT_STAGE_PRECISIONS:
+        raise MaskSAMError(f"--prompt-stage-precision must be one of {', '.join(PROMPT_STAGE_PRECISIONS)}, "
+                           f"not {cfg.prompt_stage_precision!r}")
     if cfg.aux_bce not in AUX_BCE_MODES:
         raise MaskSAMError(f"--aux-bce must be one of {', '.join(AUX_BCE_MODES)}, not {cfg.aux_bce!r}")
     # Fine-tuning defaults (measured with benchmarks/bench_finetune.py on s1's 88 training slices, 40 steps):

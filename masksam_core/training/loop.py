@@ -17,7 +17,7 @@ checkpointed atomically at each epoch end, so ``--resume`` after a kill continue
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -104,12 +104,15 @@ class Trainer:
     """Owns the optimizer, the matcher and criterion, and the train/validation steps."""
 
     def __init__(self, model: MaskSAM, cfg: LoopConfig, device: torch.device, amp: Optional[torch.dtype],
-                 ddp_model: Optional[torch.nn.Module] = None) -> None:
+                 ddp_model: Optional[torch.nn.Module] = None, prompt_amp: Union[torch.dtype, None, str] = "same") -> None:
+        """``amp``: the autocast dtype of training and validation (None: fp32); ``prompt_amp``: that of the
+        prompt-generator-only steps ("same": ``amp``)."""
         self.model = model
         self.net = ddp_model or model
         self.cfg = cfg
         self.device = device
         self.amp = amp
+        self.prompt_amp = amp if prompt_amp == "same" else prompt_amp
         c = model.num_classes
         self.matcher = make_matcher(cfg.matching, cfg.num_points)
         self.criterion = SetCriterion(num_classes=c, matcher=self.matcher, num_points=cfg.num_points,
@@ -157,9 +160,10 @@ class Trainer:
 
         return choose
 
-    def _forward(self, batch: Batch, decode) -> Dict[str, torch.Tensor]:
+    def _forward(self, batch: Batch, decode, amp: Union[torch.dtype, None, str] = "same") -> Dict[str, torch.Tensor]:
         slab = batch.slab.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        amp = self.amp if amp == "same" else amp
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             if batch.features is not None:
                 stem_out = self.model.apply_stem(slab)
                 feats = [f.to(self.device, non_blocking=True) for f in batch.features]
@@ -182,7 +186,7 @@ class Trainer:
         lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self._forward(batch, decode)
+        outputs = self._forward(batch, decode, self.prompt_amp if prompt_only else self.amp)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
         outputs, targets = _drop_ignored(outputs, targets, keep)
         if prompt_only:
