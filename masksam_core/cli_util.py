@@ -16,7 +16,9 @@ def ask_torch_for_huge_pages() -> bool:
     lines import it lazily). With the kernel's default ``madvise`` mode and 4 kB pages, every large tensor a training
     step frees goes back to the kernel and its successor is faulted in page by page: measured on 2 cores with the
     default model's configuration, 25 prompt-generator steps and a validation took 17.8 million page faults and 45 s
-    of system time; with huge pages 0.84 million and 22 s, and the steps 6-10 % less time.
+    of system time; with huge pages 0.84 million and 22 s, and the steps 6-10 % less time. The default model's whole
+    run: 17.5 instead of 477 million page faults, 984 instead of 1356 s of system time. (``predict``'s time did not
+    change measurably, so only ``train`` asks.)
     """
     if "torch" in sys.modules:
         return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"

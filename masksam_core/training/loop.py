@@ -104,7 +104,8 @@ class Trainer:
     """Owns the optimizer, the matcher and criterion, and the train/validation steps."""
 
     def __init__(self, model: MaskSAM, cfg: LoopConfig, device: torch.device, amp: Optional[torch.dtype],
-                 ddp_model: Optional[torch.nn.Module] = None, prompt_amp: Union[torch.dtype, None, str] = "same") -> None:
+                 ddp_model: Optional[torch.nn.Module] = None,
+                 prompt_amp: Union[torch.dtype, None, str] = "same") -> None:
         """``amp``: the autocast dtype of training and validation (None: fp32); ``prompt_amp``: that of the
         prompt-generator-only steps ("same": ``amp``)."""
         self.model = model
