@@ -122,6 +122,11 @@ def autocast_dtype(device: torch.device, precision: str, openvino: bool = False)
     return torch.bfloat16 if openvino and cpu_supports_bf16() else None
 
 
+def precision_name(amp: Optional[torch.dtype]) -> str:
+    """How cards, logs and caches name an autocast dtype from :func:`autocast_dtype`: "bf16", or "fp32" for None."""
+    return "bf16" if amp is not None else "fp32"
+
+
 def physical_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

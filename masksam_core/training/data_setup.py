@@ -25,7 +25,7 @@ from ..data.cache import PreparedCase, build_cache
 from ..data.dataset import check_dataset, discover_dataset, select_classes
 from ..data.intensity import normalize_intensity
 from ..errors import InputError, MaskSAMError
-from ..inference.engine import autocast_dtype
+from ..inference.engine import autocast_dtype, precision_name
 from ..inference.openvino_runtime import make_encoder_runner, resolve_runtime
 from ..model.masksam import MaskSAM
 from .config import TrainConfig
@@ -127,13 +127,13 @@ class TrainingData:
         cache = FeatureCache(self.cache_dir, key)
         reporter = _stderr_progress if progress else None
         if progress and not cache.is_complete([v[0] for v in volumes]):
-            print(f"encoding {sum(v[3].shape[0] for v in volumes)} slices once ({'bf16' if amp else 'fp32'}, "
+            print(f"encoding {sum(v[3].shape[0] for v in volumes)} slices once ({precision_name(amp)}, "
                   f"{runtime}) into the feature cache {cache.folder}", file=sys.stderr, flush=True)
         cached_volumes = cache.build(model, volumes, amp, device, reporter, make_encoder=lambda: make_encoder_runner(
             model, runtime, torch.get_num_threads(), amp is not None, device)[0])
         source = CachedSource(cached_volumes, model.slab_depth, pad, batch_size, self.train_z, self.val_z)
         source.has_validation = bool(source.val_volumes)
-        source.feature_precision = "bf16" if amp else "fp32"
+        source.feature_precision = precision_name(amp)
         return source
 
 

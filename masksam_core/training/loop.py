@@ -161,9 +161,10 @@ class Trainer:
 
         return choose
 
-    def _forward(self, batch: Batch, decode, amp: Union[torch.dtype, None, str] = "same") -> Dict[str, torch.Tensor]:
+    def _forward(self, batch: Batch, decode, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
+        """The network on one batch, under the prompt-generator stage's autocast when ``prompt_only``."""
         slab = batch.slab.to(self.device, non_blocking=True)
-        amp = self.amp if amp == "same" else amp
+        amp = self.prompt_amp if prompt_only else self.amp
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             if batch.features is not None:
                 stem_out = self.model.apply_stem(slab)
@@ -187,7 +188,7 @@ class Trainer:
         lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self._forward(batch, decode, self.prompt_amp if prompt_only else self.amp)
+        outputs = self._forward(batch, decode, prompt_only)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
         outputs, targets = _drop_ignored(outputs, targets, keep)
         if prompt_only:

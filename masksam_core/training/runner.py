@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..data.volume_io import atomic_output
 from ..errors import MaskSAMError, OutputError
 from ..inference.allocator import tune_allocator
-from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, resolve_device
+from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, precision_name, resolve_device
 from ..model.backbones import load_backbone
 from ..model.card import CARD_FILE, ModelCard, make_card
 from ..model.card_text import write_card_readme
@@ -168,10 +168,6 @@ def check_output(cfg: TrainConfig, out: Path) -> None:
         if not cfg.overwrite:
             raise OutputError(f"{out} exists and is not empty; use --resume to continue it or --overwrite to "
                               f"start again (its contents are replaced)")
-
-
-def precision_name(amp: Optional[torch.dtype]) -> str:
-    return "bf16" if amp is not None else "fp32"
 
 
 def prompt_stage_autocast(device: torch.device, precision: str, amp: Optional[torch.dtype]) -> Optional[torch.dtype]:
