@@ -217,3 +217,35 @@ def test_demo_segments_the_sample_and_compares_with_its_labels(model_dir, volume
         assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pred = sitk.ReadImage(str(out))
     assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetDirection(), ref.GetDirection())
+
+
+def test_command_pauses_the_garbage_collector_until_the_model_is_loaded(volume, tmp_path):
+    """``python -m masksam_core.predict`` runs no cyclic collection while importing and loading (gc off), then
+    freezes what is alive and turns it back on before segmenting; ``main`` called from Python leaves gc alone."""
+    probe = f"""
+import gc, runpy, sys
+import masksam_core
+from masksam_core.errors import InputError
+from masksam_core.predict import main
+seen = {{}}
+def fake_load(*args, **kwargs):
+    seen.setdefault("load", []).append(gc.isenabled())
+    return object(), object()
+def fake_segment(*args, **kwargs):
+    seen.setdefault("segment", []).append((gc.isenabled(), gc.get_freeze_count() > 0))
+    raise InputError("stop here")
+masksam_core.load_model, masksam_core.segment = fake_load, fake_segment
+argv = ["-i", {str(volume)!r}, "-o", {str(tmp_path / "out.nii.gz")!r}, "--model", "unused"]
+try:
+    main(argv)
+except InputError:
+    pass
+sys.argv = ["predict"] + argv
+try:
+    runpy.run_module("masksam_core.predict", run_name="__main__")
+except SystemExit as exc:
+    seen["code"] = exc.code
+print(seen)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str({"load": [True, False], "segment": [(True, False), (True, True)], "code": 2})

@@ -1,6 +1,7 @@
 """Small helpers shared by the command-line doors."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -24,6 +25,31 @@ def ask_torch_for_huge_pages() -> bool:
         return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+_collector = {"paused": False}
+
+
+def pause_garbage_collector() -> None:
+    """At a command line's start (its ``__main__``): no cyclic garbage collection until
+    :func:`resume_garbage_collector`, while torch, OpenVINO and the model are imported and loaded.
+
+    Those leave about a million long-lived Python objects (torch's dynamo alone, which torchvision imports for
+    LiteMedSAM's TinyViT), and every full collection walks them all: measured on 2 cores, ``predict`` ran 6 full
+    collections while starting (0.85 s), and the interpreter's exit, which collects again, took 2.1 s.
+    """
+    gc.disable()
+    _collector["paused"] = True
+
+
+def resume_garbage_collector() -> None:
+    """Once the model is loaded: when :func:`pause_garbage_collector` paused the collector, move every object alive
+    now out of its reach for good (``gc.freeze``; they live until the process ends anyway) and turn it back on.
+    Measured: the exit then takes 0.6 instead of 2.1 s. A no-op otherwise (``main`` called from Python)."""
+    if _collector["paused"]:
+        _collector["paused"] = False
+        gc.freeze()
+        gc.enable()
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

@@ -35,6 +35,7 @@ def dice_by_name(pred: np.ndarray, pred_labels: Dict[int, str], ref: np.ndarray,
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import load_model, segment
+    from .cli_util import resume_garbage_collector
     from .data.volume_io import read_volume
     from .evaluation.figure import save_overlay_figure, save_surface_figure
     from .inference.engine import InferenceOptions, resolve_device
@@ -45,6 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.output or "masksam_demo/example_ct_organs.nii.gz")
     device = resolve_device(args.device)
     model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+    resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
     sample = get_sample()
     image = read_volume(sample["ct"])
     report, close = make_progress(args.progress)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .cli_util import run_cli
+from .cli_util import pause_garbage_collector, resume_garbage_collector, run_cli
 from .errors import InputError, MaskSAMError, OutputError
 
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
@@ -198,6 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _check_outputs(jobs, args.overwrite)
     device = resolve_device(args.device)
     model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+    resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
     overlap = {} if args.overlap is None else {"overlap": args.overlap}
     options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
                                skip_background_query=not args.decode_background_query,
@@ -222,4 +223,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    pause_garbage_collector()  # resumed once the model is loaded
     raise SystemExit(run_cli(main))
