@@ -329,11 +329,14 @@ def test_openvino_prompt_generator_matches_torch(model, tmp_path):
         stem = model.apply_stem(slabs)
         features = model.encode(stem)
         ref = model.prompt_generator(list(features), stem)
-    got = runner(features, stem)
-    assert set(got) == set(ref)
-    for key in ref:
-        assert got[key].shape == ref[key].shape, key
-        assert float((got[key] - ref[key]).abs().max()) <= 1e-4 * float(ref[key].abs().max()) + 1e-5, key
+    # channels-first features (torch's encoder) and a channels-last embedding (the engine's OpenVINO encoder)
+    channels_last = [features[0].contiguous(memory_format=torch.channels_last)] + list(features[1:])
+    for given in (features, channels_last):
+        got = runner(given, stem)
+        assert set(got) == set(ref)
+        for key in ref:
+            assert got[key].shape == ref[key].shape, key
+            assert float((got[key] - ref[key]).abs().max()) <= 1e-4 * float(ref[key].abs().max()) + 1e-5, key
     assert [q.name.split("-")[0] for q in tmp_path.iterdir()] == ["prompt_generator"]
 
 
