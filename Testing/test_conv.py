@@ -16,6 +16,8 @@ CONV_CASES = [
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=(1, 0, 0)),  # no in-plane padding
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2),
     dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),  # depthwise, as in the adapters
+    dict(in_channels=5, out_channels=5, kernel_size=(3, 5, 3), padding=(1, 2, 0), groups=5, bias=False),
+    dict(in_channels=4, out_channels=4, kernel_size=(5, 3, 3), padding=(2, 1, 1), groups=4),
     # outside the fast path: run PyTorch's own operator
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, stride=(1, 2, 2)),
     dict(in_channels=4, out_channels=4, kernel_size=3, padding=0),
@@ -70,6 +72,8 @@ def test_depthwise_conv3d_runs_channels_last_and_equals_torch():
     x = torch.randn(2, 8, 4, 9, 10)
     ours, reference = Conv3d(**kwargs), nn.Conv3d(**kwargs)
     assert ours(x).is_contiguous(memory_format=torch.channels_last_3d)
+    # in fp32 training on the CPU its gradients come from DepthwiseConv3dFunction's fast kernels
+    assert type(ours(x).grad_fn).__name__ == "DepthwiseConv3dFunctionBackward"
     _compare(ours, reference, x)
     _compare(ours, reference, x.contiguous(memory_format=torch.channels_last_3d))
 

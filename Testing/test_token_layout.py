@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from masksam_core.model.decoder import depth_pe
 from masksam_core.model.masksam import MaskSAM, example_decoder_items
 from masksam_core.model.recipes import architecture_for_recipe
 from masksam_core.model.token_layout import attend, embed_masks, upscale_masks
@@ -100,13 +99,27 @@ def _reference_decoder(decoder: nn.Module, image_embeddings, image_pe, sparse, d
     return masks, decoder.class_head(hs[:, -1, :])
 
 
-def test_decoder_equals_sams_modules_composed(model):
+def test_decoder_equals_sams_modules_composed_with_the_same_gradients(model):
+    """decode_items (channels-last tokens, the keys' positional sum shared by both cross attentions of a layer)
+    against SAM's modules composed as before: the outputs and the gradients of every trained parameter."""
+    model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(3)
     emb, item, slice_index, sparse, mask_prompts, aux = example_decoder_items(model, 2, gen)
+    trained = [p for p in model.decoder.parameters() if p.requires_grad] + [model.pe_depth_embedding]
+    assert all(p.requires_grad for p in trained) and len(trained) > 10
+    with torch.no_grad():  # a non-zero slice embedding, so that its gradient path is exercised
+        model.pe_depth_embedding.normal_(std=0.1)
+    weights = [torch.randn(4 * model.embed_grid[0] * 4 * model.embed_grid[1], generator=gen), None]
 
-    with torch.no_grad():
-        got = model.decode_items(emb, item, slice_index, sparse, mask_prompts, aux)
-        dense = model.prompt_encoder.mask_downscaling(mask_prompts[:, None])
-        pe = depth_pe(model.prompt_encoder, model.pe_depth_embedding, slice_index)
-        ref = _reference_decoder(model.decoder, emb[item], pe, sparse, dense, aux)
-    assert all(_close(g, r, 1e-4) for g, r in zip(got, ref))
+    def loss(masks, logits):
+        return (masks.flatten(1) @ weights[0]).square().sum() + logits.square().sum()
+
+    got = model.decode_items(emb, item, slice_index, sparse, mask_prompts, aux)
+    grads = torch.autograd.grad(loss(*got), trained)
+    dense = model.prompt_encoder.mask_downscaling(mask_prompts[:, None])
+    pe = model.prompt_encoder.get_dense_pe() + model.pe_depth_embedding[slice_index][:, :, None, None]
+    ref = _reference_decoder(model.decoder, emb[item], pe, sparse, dense, aux)
+    grads_ref = torch.autograd.grad(loss(*ref), trained)
+    assert all(_close(g.detach(), r.detach(), 1e-4) for g, r in zip(got, ref))
+    floor = 1e-6 * max(float(r.abs().max()) for r in grads_ref)
+    assert all(_close(g, r, 1e-4, floor) for g, r in zip(grads, grads_ref))

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..model.decoder import depth_pe
-from ..model.token_layout import as_tokens, embed_masks
+from ..model.decoder import depth_pe_tokens
+from ..model.token_layout import embed_masks
 from .allocator import release_free_memory
 from .ir_cache import mark_used, prune
 
@@ -247,8 +247,8 @@ class _DecoderGraph(nn.Module):
         self.mask_downscaling = model.prompt_encoder.mask_downscaling
         d = model.slab_depth
         with torch.no_grad():
-            pe = depth_pe(model.prompt_encoder, model.pe_depth_embedding, torch.arange(d))  # (D, E, h, w)
-        self.register_buffer("pe_tokens", as_tokens(pe).contiguous())
+            pe = depth_pe_tokens(model.prompt_encoder, model.pe_depth_embedding, torch.arange(d))  # (D, h·w, E)
+        self.register_buffer("pe_tokens", pe)
 
     def forward(self, embeddings_hwc: torch.Tensor, sparse: torch.Tensor, mask_prompts: torch.Tensor,
                 aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

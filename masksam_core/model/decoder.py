@@ -129,7 +129,7 @@ class ClassifierTokenDecoder(nn.Module):
             queries = layer.norm1(queries)
 
             q = queries + query_pe
-            k = keys + key_pe
+            k = keys + key_pe  # the keys change only at the end of the layer: both cross attentions use this sum
             out = attend(layer.cross_attn_token_to_image, q, k, keys)
             if ad is not None:
                 out = ad.cross_token_to_image(out)
@@ -141,7 +141,6 @@ class ClassifierTokenDecoder(nn.Module):
             queries = layer.norm3(queries + mlp_out)
 
             q = queries + query_pe
-            k = keys + key_pe
             out = attend(layer.cross_attn_image_to_token, k, q, queries)
             if ad is not None:
                 out = ad.cross_image_to_token(out)
@@ -166,13 +165,19 @@ class ClassifierTokenDecoder(nn.Module):
         if tuple(image_embeddings.shape[-2:]) != self.embed_grid:
             raise ValueError(f"image embeddings of {tuple(image_embeddings.shape[-2:])}, the decoder's grid is "
                              f"{self.embed_grid}")
-        return self.forward_tokens(as_tokens(image_embeddings + dense), as_tokens(image_pe), sparse, aux_tokens)
+        return self.forward_tokens(as_tokens(image_embeddings + dense).contiguous(), as_tokens(image_pe).contiguous(),
+                                   sparse, aux_tokens)
 
     def forward_tokens(self, image_tokens: torch.Tensor, pe_tokens: torch.Tensor, sparse: torch.Tensor,
                        aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` on channels-last tokens: image tokens (P, h·w, E) (the slice embedding plus the dense
         prompt embedding), positional encoding (P, h·w, E), sparse (P, 2, E), aux_tokens (P, E) -> mask logits
-        (P, 1, 4h, 4w) and class logits (P, C + 1). The image side is never transposed (see ``token_layout``)."""
+        (P, 1, 4h, 4w) and class logits (P, C + 1). The image side is never transposed (see ``token_layout``).
+
+        The image tokens and their encoding should be contiguous: PyTorch runs a linear layer on a transposed
+        (channels-first) view as a batched product with the weight copied per item and makes a copy before each
+        normalisation (measured on 2 cores, 32 items forward and backward: 7.2-8.3 s as transposed views, 6.5-6.9
+        s contiguous)."""
         base = self.base
         p = sparse.shape[0]
         out_tokens = torch.cat([base.iou_token.weight, base.mask_tokens.weight], dim=0)
@@ -207,15 +212,16 @@ class RefinementHead(nn.Module):
         return self.body(masks)
 
 
-def depth_pe(prompt_encoder: nn.Module, depth_embedding: Optional[torch.Tensor], slice_index: torch.Tensor) -> torch.Tensor:
-    """Dense positional encoding per item (P, E, h, w): SAM's ``get_dense_pe`` plus the item's slice embedding.
+def depth_pe_tokens(prompt_encoder: nn.Module, depth_embedding: Optional[torch.Tensor],
+                    slice_index: torch.Tensor) -> torch.Tensor:
+    """Dense positional encoding per item as tokens (P, h·w, E), contiguous: SAM's ``get_dense_pe`` (1, E, h, w)
+    flattened channels-last, plus the item's slice embedding.
 
     depth_embedding: (D, E) learnable, zero-initialised (the official (D, E, h, w) table is reduced to one
     vector per slice to keep model files small; the spatial part is already in SAM's encoding).
     slice_index: (P,) the slice d of each item.
     """
-    pe = prompt_encoder.get_dense_pe()  # (1, E, h, w)
-    pe = pe.expand(slice_index.shape[0], -1, -1, -1)
-    if depth_embedding is not None:
-        pe = pe + depth_embedding[slice_index][:, :, None, None].to(pe.dtype)
-    return pe
+    pe = as_tokens(prompt_encoder.get_dense_pe())  # (1, h·w, E)
+    if depth_embedding is None:
+        return pe.expand(slice_index.shape[0], -1, -1).contiguous()
+    return pe + depth_embedding[slice_index][:, None, :].to(pe.dtype)

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from .backbones import Backbone
 from .conv import Conv3d
-from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe, encode_boxes,
-                      mask_prompts_at_decoder_size)
+from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe_tokens,
+                      encode_boxes, mask_prompts_at_decoder_size)
 from .encoder import TinyViTFeatureEncoder, ViTFeatureEncoder
 from .prompt_generator import PromptGenerator
+from .token_layout import as_tokens, embed_masks
 
 NO_OBJECT_LOGIT = 20.0
 EMPTY_MASK_LOGIT = -20.0
@@ -209,10 +210,12 @@ class MaskSAM(nn.Module):
         sparse: (P, 2, E) box prompt embeddings; mask_prompts: (P, 4h, 4w) binary mask prompts; aux_tokens: (P, E).
         Returns mask logits (P, 1, 4h, 4w) and class logits (P, C + 1).
         """
-        emb = embeddings[item_embedding]
-        dense = self.prompt_encoder.mask_downscaling(mask_prompts[:, None].to(emb.dtype))
-        pe = depth_pe(self.prompt_encoder, self.pe_depth_embedding, slice_index)
-        return self.decoder(emb, pe.to(emb.dtype), sparse, dense.to(emb.dtype), aux_tokens)
+        # channels-last tokens throughout (see ClassifierTokenDecoder.forward_tokens): the B slice embeddings are
+        # transposed once (a no-op for the engine's channels-last embeddings), not each of the P items
+        tokens = as_tokens(embeddings).contiguous()[item_embedding]
+        dense = embed_masks(self.prompt_encoder.mask_downscaling, mask_prompts.to(tokens.dtype))
+        pe = depth_pe_tokens(self.prompt_encoder, self.pe_depth_embedding, slice_index)
+        return self.decoder.forward_tokens(tokens + dense.to(tokens.dtype), pe.to(tokens.dtype), sparse, aux_tokens)
 
     def forward(self, slab: torch.Tensor, decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """slab (G, 1, D, S, S); decode (G, N) bool or None (all). See the class docstring for the outputs."""
