@@ -123,3 +123,11 @@ def test_decoder_equals_sams_modules_composed_with_the_same_gradients(model):
     assert all(_close(g.detach(), r.detach(), 1e-4) for g, r in zip(got, ref))
     floor = 1e-6 * max(float(r.abs().max()) for r in grads_ref)
     assert all(_close(g, r, 1e-4, floor) for g, r in zip(grads, grads_ref))
+
+
+def test_decoder_refuses_tokens_of_another_grid(model):
+    h, w = model.embed_grid
+    e = model.decoder.base.transformer_dim
+    tokens = torch.zeros(2, (h + 1) * w, e)
+    with pytest.raises(ValueError, match="decoder's grid"):
+        model.decoder(tokens, tokens, torch.zeros(2, 2, e), torch.zeros(2, e))

@@ -254,7 +254,7 @@ class _DecoderGraph(nn.Module):
                 aux_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         d, h, w, e = embeddings_hwc.shape
         tokens = embeddings_hwc.reshape(d, h * w, e) + embed_masks(self.mask_downscaling, mask_prompts)
-        return self.decoder.forward_tokens(tokens, self.pe_tokens, sparse, aux_tokens)
+        return self.decoder(tokens, self.pe_tokens, sparse, aux_tokens)
 
 
 class OpenVINODecoder(OpenVINOModel):

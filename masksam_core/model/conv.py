@@ -49,7 +49,6 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
                 padding: Tuple[int, int, int]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = tuple(padding)
-        ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, padding=padding, groups=x.shape[1])
 
     @staticmethod
@@ -65,7 +64,7 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
                               groups=c)
         if ctx.needs_input_grad[1]:
             grad_w = _depthwise_weight_grad(x, grad_out, weight, ctx.padding)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = grad_out.sum(dim=(0, 2, 3, 4))
         return grad_x, grad_w, grad_b, None
 
@@ -79,10 +78,10 @@ def _depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torc
     pd, ph, pw = padding
     x_slices = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, pd, pd))  # (N, D + 2 pd, H, W, C)
     g_slices = grad_out.permute(0, 2, 3, 4, 1)  # (N, D', H', W', C)
+    ga = g_slices.reshape(n * d_out, *g_slices.shape[2:]).permute(0, 3, 1, 2)  # the same for every tap
     taps = []
     for a in range(kd):
         xa = x_slices[:, a:a + d_out].reshape(n * d_out, *x_slices.shape[2:]).permute(0, 3, 1, 2)
-        ga = g_slices.reshape(n * d_out, *g_slices.shape[2:]).permute(0, 3, 1, 2)
         taps.append(torch.ops.aten.convolution_backward(
             ga, xa, weight[:, :, a], None, [1, 1], [ph, pw], [1, 1], False, [0, 0], c, [False, True, False])[1])
     return torch.stack(taps, dim=2)

@@ -210,12 +210,12 @@ class MaskSAM(nn.Module):
         sparse: (P, 2, E) box prompt embeddings; mask_prompts: (P, 4h, 4w) binary mask prompts; aux_tokens: (P, E).
         Returns mask logits (P, 1, 4h, 4w) and class logits (P, C + 1).
         """
-        # channels-last tokens throughout (see ClassifierTokenDecoder.forward_tokens): the B slice embeddings are
+        # channels-last tokens throughout (see ClassifierTokenDecoder.forward): the B slice embeddings are
         # transposed once (a no-op for the engine's channels-last embeddings), not each of the P items
         tokens = as_tokens(embeddings).contiguous()[item_embedding]
         dense = embed_masks(self.prompt_encoder.mask_downscaling, mask_prompts.to(tokens.dtype))
         pe = depth_pe_tokens(self.prompt_encoder, self.pe_depth_embedding, slice_index)
-        return self.decoder.forward_tokens(tokens + dense.to(tokens.dtype), pe.to(tokens.dtype), sparse, aux_tokens)
+        return self.decoder(tokens + dense.to(tokens.dtype), pe.to(tokens.dtype), sparse, aux_tokens)
 
     def forward(self, slab: torch.Tensor, decode: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """slab (G, 1, D, S, S); decode (G, N) bool or None (all). See the class docstring for the outputs."""
