@@ -1,5 +1,6 @@
-"""The 3D convolutions that run as 2D convolutions (``masksam_core/model/conv.py``) compute exactly what
-nn.Conv3d / nn.ConvTranspose3d compute, forward and backward, with the same state-dict keys."""
+"""The 3D convolutions that run as 2D convolutions (``masksam_core/model/conv.py``) and the channels-last instance
+norm (``masksam_core/model/norm.py``) compute exactly what nn.Conv3d / nn.ConvTranspose3d / nn.InstanceNorm3d
+compute, forward and backward, with the same state-dict keys."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from masksam_core.model.conv import Conv3d, ConvTranspose3d
+from masksam_core.model.norm import InstanceNorm3d
 
 CONV_CASES = [
     dict(in_channels=5, out_channels=7, kernel_size=3, padding=1),
@@ -55,14 +57,106 @@ def test_conv3d_equals_torch_forward_and_backward(kwargs, batch, depth):
     _compare(ours, reference, x)
 
 
-def test_conv3d_reads_the_previous_conv3d_output_layout():
-    """The fast path returns a transposed view; a following Conv3d and a norm still compute the right thing."""
+@pytest.mark.parametrize("norm", [InstanceNorm3d, nn.InstanceNorm3d])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv3d_reads_the_previous_conv3d_output_layout(norm, batch):
+    """The fast path returns a channels-last-3D tensor; a following norm (ours keeps the layout, PyTorch's copies
+    it) and Conv3d still compute the right thing, values and gradients."""
     torch.manual_seed(0)
-    ours = nn.Sequential(Conv3d(3, 6, 3, padding=1), nn.InstanceNorm3d(6, affine=True), nn.LeakyReLU(0.01, inplace=True),
+    ours = nn.Sequential(Conv3d(3, 6, 3, padding=1), norm(6, affine=True), nn.LeakyReLU(0.01, inplace=True),
                          Conv3d(6, 2, 3, padding=1))
     reference = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.InstanceNorm3d(6, affine=True),
                               nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(6, 2, 3, padding=1))
-    _compare(ours, reference, torch.randn(2, 3, 4, 12, 11))
+    _compare(ours, reference, torch.randn(batch, 3, 4, 12, 11))
+
+
+def test_conv3d_runs_per_depth_tap_channels_last():
+    """A 3x3x3 convolution runs as DepthTapConv3dFunction (per-tap 2D convolutions and their backward) and returns
+    channels-last-3D; a kernel deeper than the input leaves the unreached taps' gradients zero."""
+    torch.manual_seed(0)
+    conv = Conv3d(4, 5, 3, padding=1)
+    y = conv(torch.randn(1, 4, 3, 8, 8))
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert type(y.grad_fn).__name__ == "DepthTapConv3dFunctionBackward"
+    deep = Conv3d(2, 3, (5, 3, 3), padding=(2, 1, 1))
+    deep(torch.randn(1, 2, 2, 6, 6)).sum().backward()  # taps 0 and 4 reach no slice of a 2-slice input
+    assert deep.weight.grad[:, :, [0, 4]].abs().max() == 0 and deep.weight.grad[:, :, 1:4].abs().max() > 0
+
+
+def test_conv3d_under_bf16_autocast_equals_torch():
+    """Under autocast the per-tap path casts as autocast casts a convolution: bf16 output, fp32 parameter
+    gradients, the values of nn.Conv3d under the same autocast."""
+    torch.manual_seed(0)
+    ours, reference = Conv3d(5, 7, 3, padding=1), nn.Conv3d(5, 7, 3, padding=1)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 4, 9, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ours(x), reference(x)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=2e-2, atol=2e-2)
+    ya.float().sum().backward()
+    yb.float().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=2e-2, atol=2e-1)
+
+
+def _graph_names(fn, depth: int) -> set:
+    """Names of the autograd nodes within ``depth`` steps of ``fn``."""
+    names = {type(fn).__name__}
+    if depth > 0:
+        for nxt, _ in fn.next_functions:
+            if nxt is not None:
+                names |= _graph_names(nxt, depth - 1)
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.channels_last_3d, torch.contiguous_format])
+def test_instance_norm_equals_torch(dtype, layout):
+    """InstanceNorm3d gives nn.InstanceNorm3d's values and gradients (input, weight, bias) for channels-last
+    inputs (its own path, which keeps the layout) and others (PyTorch's path)."""
+    torch.manual_seed(0)
+    ours, reference = InstanceNorm3d(6, affine=True).to(dtype), nn.InstanceNorm3d(6, affine=True).to(dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0)
+        ours.bias.uniform_(-1.0, 1.0)
+    reference.load_state_dict(ours.state_dict())
+    x = (torch.randn(2, 6, 3, 7, 9, dtype=dtype) * 4 + 3).contiguous(memory_format=layout)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), reference(xb)
+    if layout == torch.channels_last_3d:
+        assert ya.is_contiguous(memory_format=torch.channels_last_3d)
+        assert "ChannelsLastInstanceNormFunctionBackward" in _graph_names(ya.grad_fn, depth=3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ya, yb, **tol)
+    grad = torch.randn(yb.shape, dtype=dtype)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, **tol)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad, **tol)
+
+
+def test_instance_norm_is_as_precise_as_torch_on_large_channels_last_inputs():
+    """On a prompt-generator-sized channels-last input, the fp32 output stays as close to fp64 as PyTorch's own
+    instance norm (PyTorch's channels-last group_norm was 1.7e-4 off at this size)."""
+    torch.manual_seed(0)
+    x = (torch.randn(1, 16, 4, 128, 128) * 3 + 5).contiguous(memory_format=torch.channels_last_3d)
+    norm = InstanceNorm3d(16, affine=True)
+    exact = nn.functional.instance_norm(x.double())
+    with torch.no_grad():
+        ours = norm(x).double()
+        torch_own = nn.functional.instance_norm(x.contiguous()).double()
+    assert (ours - exact).abs().max() <= max(2 * (torch_own - exact).abs().max().item(), 1e-6)
+
+
+def test_instance_norm_traces_as_torch_instance_norm():
+    """Exporters (OpenVINO) see PyTorch's own instance norm."""
+    norm = InstanceNorm3d(4, affine=True).eval()
+    x = torch.randn(1, 4, 3, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    traced = torch.jit.trace(norm, x)
+    assert "instance_norm" in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), norm(x))
 
 
 def test_depthwise_conv3d_runs_channels_last_and_equals_torch():
@@ -107,6 +201,7 @@ def test_model_files_keep_their_keys():
 
     block, up = conv_block(4, 8), up_block(8, 4)
     assert isinstance(block[0], Conv3d) and isinstance(up[0], ConvTranspose3d)
+    assert isinstance(block[1], InstanceNorm3d)
     assert set(block.state_dict()) == set(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1),
                                                         nn.InstanceNorm3d(8, affine=True)).state_dict())
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .adapters import DepthConvTokenAdapter, DepthMLPAdapter
 from .conv import Conv3d, ConvTranspose3d
+from .norm import InstanceNorm3d
 from .token_layout import as_tokens, attend, upscale_masks
 
 
@@ -190,11 +191,11 @@ class RefinementHead(nn.Module):
 
     def __init__(self, num_queries: int, channels: int = 64, num_up: int = 2) -> None:
         super().__init__()
-        layers = [Conv3d(num_queries, channels, 3, padding=1), nn.InstanceNorm3d(channels, affine=True),
+        layers = [Conv3d(num_queries, channels, 3, padding=1), InstanceNorm3d(channels, affine=True),
                   nn.LeakyReLU(0.01, inplace=True)]
         for _ in range(num_up):
             layers += [ConvTranspose3d(channels, channels, (1, 2, 2), stride=(1, 2, 2)),
-                       nn.InstanceNorm3d(channels, affine=True), nn.GELU()]
+                       InstanceNorm3d(channels, affine=True), nn.GELU()]
         layers.append(Conv3d(channels, num_queries, 3, padding=1))
         self.body = nn.Sequential(*layers)
 

@@ -21,6 +21,7 @@ from .conv import Conv3d
 from .decoder import (ClassifierTokenDecoder, RefinementHead, binarize_and_box_prompts, depth_pe_tokens,
                       encode_boxes, mask_prompts_at_decoder_size)
 from .encoder import TinyViTFeatureEncoder, ViTFeatureEncoder
+from .norm import InstanceNorm3d
 from .prompt_generator import PromptGenerator
 from .token_layout import as_tokens, embed_masks
 
@@ -97,8 +98,8 @@ class MaskSAM(nn.Module):
         d = config.slab_depth
         if config.stem == "conv3d":
             self.stem = nn.Sequential(
-                Conv3d(1, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
-                Conv3d(8, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                Conv3d(1, 8, 3, padding=1), InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01, inplace=True),
+                Conv3d(8, 3, 3, padding=1), InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01, inplace=True),
             )
         else:
             self.stem = None

@@ -10,7 +10,8 @@ its stride requires; a 1x1x1 conv block if none), and applies one conv block. Th
 the stem output (the image itself) through one conv block: a UNETR-style full-resolution skip that the official
 ViT code lacks (documented deviation; it sharpens boundaries for the 256-px LiteMedSAM).
 
-All conv blocks are Conv3d (3x3x3) + InstanceNorm3d + LeakyReLU.
+All conv blocks are Conv3d (3x3x3) + InstanceNorm3d + LeakyReLU (``conv.py`` and ``norm.py``: the same
+functions, computed on channels-last slices).
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import Conv3d, ConvTranspose3d
+from .norm import InstanceNorm3d
 
 
 def conv_block(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
     """Conv3d (kernel^3, same padding) + InstanceNorm3d(affine) + LeakyReLU(0.01)."""
     return nn.Sequential(
         Conv3d(cin, cout, kernel, padding=kernel // 2),
-        nn.InstanceNorm3d(cout, affine=True),
+        InstanceNorm3d(cout, affine=True),
         nn.LeakyReLU(0.01, inplace=True),
     )
 
@@ -120,10 +122,10 @@ class PromptGenerator(nn.Module):
         total = sum(channels)
         self.mask_head = Conv3d(channels[-1], num_queries, kernel_size=1)
         self.box_head = nn.Sequential(Conv3d(total, num_queries, kernel_size=1),
-                                      nn.InstanceNorm3d(num_queries, affine=True))
+                                      InstanceNorm3d(num_queries, affine=True))
         self.token_pool = int(math.ceil(math.sqrt(token_dim)))
         self.token_head = nn.Sequential(Conv3d(total, num_queries, kernel_size=3, padding=1),
-                                        nn.InstanceNorm3d(num_queries, affine=True), nn.GELU())
+                                        InstanceNorm3d(num_queries, affine=True), nn.GELU())
         pooled = self.token_pool ** 2
         self.token_proj = nn.Identity() if pooled == token_dim else nn.Linear(pooled, token_dim)
 
