@@ -79,7 +79,11 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
 def _depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
                            padding: Tuple[int, int, int]) -> torch.Tensor:
     """The weight gradient (C, 1, kd, kh, kw) of a stride-1 depthwise 3D convolution: for each depth tap a, the 2D
-    depthwise weight gradient of the output slices d paired with the input slices d + a - pd (channels-last)."""
+    depthwise weight gradient of the output slices d paired with the input slices d + a - pd (channels-last).
+
+    :meth:`DepthTapConv3dFunction.backward` computes the same per-tap weight gradients on each tap's unpadded slice
+    range, which is a view only at N = 1 (the prompt generator); here the input is padded once, because the
+    adapters run at N > 1, where per-tap slice ranges would be copied twice per tap."""
     n, c, d_out = grad_out.shape[:3]
     kd = weight.shape[2]
     pd, ph, pw = padding
