@@ -137,7 +137,7 @@ def _check_model_grid(src: sitk.Image, work: sitk.Image, spacing) -> None:
 @pytest.mark.parametrize("name", list(ORIENTATIONS))
 def test_model_space_keeps_physical_positions(name):
     src = _grid_image(name, _linear)
-    work = to_model_space(src, MODEL_SPACING, sitk.sitkLinear, default_value=-1000.0)
+    work = to_model_space(src, MODEL_SPACING, sitk.sitkLinear)
     _check_model_grid(src, work, MODEL_SPACING)
     # every model voxel whose centre lies inside the source's voxel centres holds f(its own position)
     values = sitk.GetArrayFromImage(work)
@@ -165,7 +165,7 @@ def test_cube_stays_in_place_through_the_round_trip(name):
     label = _grid_image(name, lambda img: _cube(img, centre, 15.0), sitk.sitkUInt8)
     mask = sitk.GetArrayFromImage(label)
     assert mask.sum() > 500
-    work = to_model_space(label, MODEL_SPACING, sitk.sitkNearestNeighbor, 0)
+    work = to_model_space(label, MODEL_SPACING, sitk.sitkNearestNeighbor)
     assert work.GetPixelID() == sitk.sitkUInt8
     work_mask = sitk.GetArrayFromImage(work)
     # same physical place in model space, and the display convention of design.md: column 0 is the patient's
@@ -205,7 +205,7 @@ def test_real_ct_round_trip_in_many_orientations(real_ct, name):
     ct.SetSpacing(spacing)
     ct.SetOrigin(origin)
     ct.SetDirection(tuple(ORIENTATIONS[name].ravel()))
-    work = to_model_space(ct, MODEL_SPACING, sitk.sitkLinear, default_value=float(ct_arr.min()))
+    work = to_model_space(ct, MODEL_SPACING, sitk.sitkLinear)
     _check_model_grid(ct, work, MODEL_SPACING)
     back = resample_to_reference(work, ct, sitk.sitkLinear, float(ct_arr.min()))
     assert same_grid(back, ct, tol=1e-12)
@@ -220,7 +220,7 @@ def test_real_ct_round_trip_in_many_orientations(real_ct, name):
     for mask in (lab_arr == 5, lab_arr == 2, cube > 0):  # liver, right kidney, cube
         img = sitk.GetImageFromArray(mask.astype(np.uint8))
         img.CopyInformation(ct)
-        work_mask = to_model_space(img, MODEL_SPACING, sitk.sitkNearestNeighbor, 0)
+        work_mask = to_model_space(img, MODEL_SPACING, sitk.sitkNearestNeighbor)
         assert mask.sum() > 300
         tol = _centroid_tolerance(ct)
         assert np.linalg.norm(_centroid(work_mask, sitk.GetArrayFromImage(work_mask)) - _centroid(ct, mask)) < tol
@@ -232,7 +232,7 @@ def test_real_ct_round_trip_in_many_orientations(real_ct, name):
 def test_real_ct_model_space_is_radiological(totalseg_dir):
     """On the real (RAS-stored) CT: in model space the liver lies in the left columns (patient's right)."""
     full = sitk.ReadImage(str(totalseg_dir / "s1_labels.nii.gz"), sitk.sitkUInt8)
-    work = sitk.GetArrayFromImage(to_model_space(full, MODEL_SPACING, sitk.sitkNearestNeighbor, 0))
+    work = sitk.GetArrayFromImage(to_model_space(full, MODEL_SPACING, sitk.sitkNearestNeighbor))
     liver_x = np.nonzero(work == 5)[2].mean()
     spleen_x = np.nonzero(work == 1)[2].mean()
     assert liver_x < spleen_x  # liver on the patient's right = image left in radiological display
@@ -278,9 +278,9 @@ def test_model_space_of_an_integer_image_in_float_equals_casting_first(name):
     rng = np.random.default_rng(3)
     src = _grid_image(name, lambda img: rng.integers(-1024, 2000, sitk.GetArrayViewFromImage(img).shape),
                       sitk.sitkInt16)
-    direct = to_model_space(src, MODEL_SPACING, sitk.sitkLinear, default_value=-1024.0, pixel_type=sitk.sitkFloat32)
+    direct = to_model_space(src, MODEL_SPACING, sitk.sitkLinear, pixel_type=sitk.sitkFloat32)
     cast_first = sitk.Resample(sitk.DICOMOrient(sitk.Cast(src, sitk.sitkFloat32), "LPS"), direct, sitk.Transform(),
-                               sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+                               sitk.sitkLinear, -1024.0, sitk.sitkFloat32, True)  # edges: nearest, as to_model_space
     assert direct.GetPixelID() == sitk.sitkFloat32 and same_grid(direct, cast_first, tol=1e-12)
     assert np.array_equal(sitk.GetArrayViewFromImage(direct), sitk.GetArrayViewFromImage(cast_first))
     _check_model_grid(src, direct, MODEL_SPACING)
@@ -294,6 +294,28 @@ def test_to_model_space_edge_cases():
     for bad in [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, -2.0, 1.0), (1.0, float("nan"), 1.0), "abc"]:
         with pytest.raises(ModelError):
             to_model_space(thin, bad)
+
+
+@pytest.mark.parametrize("slices,old_z,new_z", [(31, 1.0, 3.0), (30, 1.0, 3.0), (29, 1.0, 3.0), (3, 2.0, 4.0),
+                                                 (7, 1.5, 3.0), (333, 1.0, 6.0)])
+@pytest.mark.parametrize("name", ["lps", "flipped", "oblique"])
+def test_every_input_slice_survives_the_round_trip_through_model_space(slices, old_z, new_z, name):
+    """Slice counts whose extent is not a whole number of model slices: the model grid's last centre can lie on the
+    input box's outer face (3 x 2 mm at 4 mm, 7 x 1.5 mm at 3 mm) and the input's last centre beyond the model box
+    (31 x 1 mm at 3 mm). A volume that is organ everywhere must stay organ on every model voxel and, mapped back,
+    on every input voxel; a fill value at either edge emptied the last slice."""
+    direction = {"lps": np.eye(3), "flipped": np.diag([-1.0, 1.0, -1.0]), "oblique": _rot(0, 20) @ _rot(2, 10)}[name]
+    img = sitk.GetImageFromArray(np.full((slices, 6, 5), 7.0, np.float32))
+    img.SetSpacing((1.2, 0.9, old_z))
+    img.SetOrigin((4.0, -3.0, 11.0))
+    img.SetDirection(tuple(direction.ravel()))
+    for interpolator in (sitk.sitkLinear, sitk.sitkNearestNeighbor):
+        work = to_model_space(img, (1.6, 1.6, new_z), interpolator)
+        assert np.all(sitk.GetArrayViewFromImage(work) == 7.0), (interpolator, sitk.GetArrayFromImage(work)[:, 0, 0])
+    organ = sitk.GetImageFromArray(np.ones(sitk.GetArrayViewFromImage(work).shape, np.uint8))
+    organ.CopyInformation(work)
+    back = sitk.GetArrayFromImage(resample_to_reference(organ, img, sitk.sitkNearestNeighbor, 0, extrapolate=True))
+    assert back.shape == (slices, 6, 5) and np.all(back == 1), back[:, 0, 0]
 
 
 def test_body_bbox():

@@ -117,16 +117,21 @@ def test_bad_inputs_give_one_line_errors_and_no_output(model_dir, tmp_path, caps
 
 
 def test_overlap_option_sets_the_slab_stride_and_refuses_bad_values(model_dir, volume, tmp_path, capsys):
-    strides = {}
+    strides, spacings = {}, {}
     for option in ([], ["--overlap", "0.25"], ["--fast"], ["--fast", "--overlap", "0.5"]):
         out = tmp_path / f"o{len(strides)}.nii.gz"
         code, _, err = _run(["-i", str(volume), "-o", str(out), "--model", str(model_dir)] + option, capsys)
         assert code == 0, err
-        strides[" ".join(option)] = json.loads(out.with_name(out.name[:-7] + ".json").read_text())[
-            "engine_stats"]["slab_stride"]
-    d = json.loads((model_dir / "model.json").read_text())["architecture"]["slab_depth"]
+        stats = json.loads(out.with_name(out.name[:-7] + ".json").read_text())["engine_stats"]
+        strides[" ".join(option)] = stats["slab_stride"]
+        spacings[" ".join(option)] = stats["model_spacing_mm"]
+    card = json.loads((model_dir / "model.json").read_text())
+    d = card["architecture"]["slab_depth"]
     assert strides == {"": round(d * 0.5), "--overlap 0.25": round(d * 0.75), "--fast": d,
                        "--fast --overlap 0.5": round(d * 0.5)}
+    sx, sy, sz = card["preprocessing"]["target_spacing"]  # --fast: twice the model's z spacing, in-plane unchanged
+    assert spacings == {"": [sx, sy, sz], "--overlap 0.25": [sx, sy, sz], "--fast": [sx, sy, 2 * sz],
+                        "--fast --overlap 0.5": [sx, sy, 2 * sz]}
     for bad in ("0.9", "-0.1"):
         out = tmp_path / "bad.nii.gz"
         code, _, err = _run(["-i", str(volume), "-o", str(out), "--model", str(model_dir), "--overlap", bad], capsys)

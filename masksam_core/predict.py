@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--sam-checkpoint", help="SAM checkpoint file, for models on a ViT backbone")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--fast", action="store_true", help="coarser z spacing and no slab overlap (CPU users)")
+    p.add_argument("--fast", action="store_true",
+                   help="twice the model's z spacing and no slab overlap (CPU users; see README's speed section)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from the output's extension)")
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to use when the folder holds several series")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

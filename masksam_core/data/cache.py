@@ -23,7 +23,7 @@ from .dataset import ClassMap, DatasetSpec
 from .geometry import to_model_space
 from .intensity import normalize_intensity
 
-FORMAT = 1
+FORMAT = 2  # 2: the model grid's edge voxels extrapolate the nearest input voxel (geometry.to_model_space)
 
 
 @dataclass
@@ -100,11 +100,10 @@ def _prepare_case(case, class_map: ClassMap, spacing, norm, folder: Path, final:
     image = sitk.ReadImage(str(case.image), sitk.sitkFloat32)
     label = sitk.ReadImage(str(case.label))
     label.CopyInformation(image)  # checked equal (within tolerance) by check_dataset
-    background = float(np.min(sitk.GetArrayViewFromImage(image)))
-    work = to_model_space(image, spacing, sitk.sitkLinear, default_value=background)
+    work = to_model_space(image, spacing, sitk.sitkLinear)
     mapped = sitk.GetImageFromArray(class_map.apply(sitk.GetArrayFromImage(label)))
     mapped.CopyInformation(label)
-    work_lab = to_model_space(mapped, spacing, sitk.sitkNearestNeighbor, 0)
+    work_lab = to_model_space(mapped, spacing, sitk.sitkNearestNeighbor)
     arr = normalize_intensity(sitk.GetArrayFromImage(work), norm)
     lab = sitk.GetArrayFromImage(work_lab).astype(np.uint8)
     with atomic_folder(final) as tmp:

@@ -15,14 +15,17 @@ from ..errors import ModelError
 
 
 def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator=sitk.sitkLinear,
-                   default_value: float = 0.0, pixel_type: Optional[int] = None) -> sitk.Image:
+                   pixel_type: Optional[int] = None) -> sitk.Image:
     """Reorient ``image`` to LPS axes (``sitk.DICOMOrient``) and resample it to ``spacing_xyz`` (mm).
 
     Reorientation only permutes and flips axes (an oblique image stays oblique); an image already on LPS axes is
     not copied for it. The output covers the same physical extent: the direction of the reoriented image, the
     same outer corner of the first voxel, and ``size = max(1, round(size * old_spacing / new_spacing))`` per
-    axis. Points of the new grid that fall just outside the old extent (rounding) get ``default_value``. The
-    output has ``pixel_type`` (a ``sitk.sitkFloat32``-style id), by default the input's: ask for a float type to
+    axis. The rounding can put the last new voxel centre up to half an old voxel beyond the last old centre, on
+    the outer face of the old voxel box when the extent is an odd number of half new voxels (3 slices of 2 mm at
+    4 mm, an odd number of 1.5-mm slices at 3 mm): such points take the nearest old voxel's value (ITK counts the
+    face as outside, and a fill value there emptied the volume's last slice, and with it, after resampling back,
+    the labels of the input's last slice). The output has ``pixel_type`` (a ``sitk.sitkFloat32``-style id), by default the input's: ask for a float type to
     interpolate an integer image linearly (the filter interpolates in double precision, so this equals casting
     first, without the full-resolution float copy).
     """
@@ -43,15 +46,20 @@ def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator
     new_origin = corner + direction @ (new_spacing / 2.0)
     return sitk.Resample(oriented, [int(v) for v in new_size], sitk.Transform(), interpolator,
                          [float(v) for v in new_origin], [float(v) for v in new_spacing],
-                         oriented.GetDirection(), float(default_value),
-                         oriented.GetPixelID() if pixel_type is None else pixel_type)
+                         oriented.GetDirection(), 0.0,
+                         oriented.GetPixelID() if pixel_type is None else pixel_type,
+                         True)  # useNearestNeighborExtrapolator: see the docstring
 
 
 def resample_to_reference(image: sitk.Image, reference: sitk.Image, interpolator=sitk.sitkNearestNeighbor,
-                          default_value: float = 0) -> sitk.Image:
+                          default_value: float = 0, extrapolate: bool = False) -> sitk.Image:
     """Resample ``image`` onto exactly ``reference``'s grid (size, spacing, origin and direction copied); the
-    output keeps ``image``'s pixel type. Points outside ``image`` get ``default_value``."""
-    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default_value), image.GetPixelID())
+    output keeps ``image``'s pixel type. Points outside ``image`` get ``default_value``, or with ``extrapolate``
+    the nearest voxel's value: for results on a :func:`to_model_space` grid of ``reference``, whose box can end up
+    to half a model voxel short of the reference's (rounding; a 1-mm CT of 31 slices at 3 mm lost its last
+    slice's labels without it)."""
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default_value), image.GetPixelID(),
+                        extrapolate)
     out.CopyInformation(reference)  # exact copy, no round-off from the filter
     return out
 
