@@ -25,9 +25,9 @@ def to_model_space(image: sitk.Image, spacing_xyz: Sequence[float], interpolator
     the outer face of the old voxel box when the extent is an odd number of half new voxels (3 slices of 2 mm at
     4 mm, an odd number of 1.5-mm slices at 3 mm): such points take the nearest old voxel's value (ITK counts the
     face as outside, and a fill value there emptied the volume's last slice, and with it, after resampling back,
-    the labels of the input's last slice). The output has ``pixel_type`` (a ``sitk.sitkFloat32``-style id), by default the input's: ask for a float type to
-    interpolate an integer image linearly (the filter interpolates in double precision, so this equals casting
-    first, without the full-resolution float copy).
+    the labels of the input's last slice). The output has ``pixel_type`` (a ``sitk.sitkFloat32``-style id), by
+    default the input's: ask for a float type to interpolate an integer image linearly (the filter interpolates in
+    double precision, so this equals casting first, without the full-resolution float copy).
     """
     try:
         new_spacing = np.array([float(s) for s in spacing_xyz], float)
