@@ -91,6 +91,20 @@ def test_engine_feature_reuse_is_exact(model):
     assert np.allclose(reused, fresh, atol=1e-5)
 
 
+def test_engine_without_overlap_uses_each_slabs_features_as_encoded(model):
+    """With no overlap nothing is reused: the slab's features go to the decoder as the encoder returned them (no
+    copy through the cache); the result equals encoding every slab afresh."""
+    vol = _volume(z=7)
+    opts = InferenceOptions(prune_empty_queries=False, precision="fp32", overlap=0.0)
+    engine = SlabEngine(model, opts)
+    out = engine.run(vol, 0.0)
+    # slabs 0-1, 2-3, 4-5 and 5-6 (the last ends on the last slice): only that one reuses a slice's features
+    assert engine.stats["slabs"] == 4 and engine.stats["encoded_slices"] == 7
+    fresh = SlabEngine(model, opts)
+    fresh._features_for = lambda key, zs, slab, stem, cache: model.encode(stem)
+    assert np.allclose(out, fresh.run(vol, 0.0), atol=1e-5)
+
+
 def test_pruning_keeps_decoded_queries_exact(model):
     slab = torch.from_numpy(_volume(z=2))[None, None]
     with torch.no_grad():

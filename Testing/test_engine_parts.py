@@ -89,7 +89,8 @@ def test_training_asks_torch_for_huge_pages_before_importing_it():
 
 
 def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
-    """Organ volumes come from the labelmap on the input grid, counted in chunks of slices (exactly)."""
+    """Organ volumes come from the labelmap on the input grid (counted exactly); confidences are the mean of the
+    model-space confidences inside each organ."""
     from types import SimpleNamespace
 
     import SimpleITK as sitk
@@ -97,7 +98,7 @@ def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
     from masksam_core.inference.engine import InferenceOptions, _sidecar
 
     rng = np.random.default_rng(0)
-    arr = rng.integers(0, 3, (37, 20, 30)).astype(np.uint8)  # 37 slices: not a multiple of the chunk
+    arr = rng.integers(0, 3, (37, 20, 30)).astype(np.uint8)
     arr[arr == 2] = 0
     arr[5:9, 2:4, 3:7] = 2
     out = sitk.GetImageFromArray(arr)
@@ -105,13 +106,44 @@ def test_sidecar_counts_every_organ_voxel_of_the_output_grid():
     classes = [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}, {"value": 3, "name": "aorta"}]
     card = SimpleNamespace(classes=classes, labels=lambda: {0: "background", 1: "liver", 2: "spleen", 3: "aorta"},
                            identity=lambda: {"name": "m"})
-    labels_model = np.array([[[1, 2]]], np.uint8)
-    info = _sidecar(out, labels_model, np.array([[[0.75, 0.5]]], np.float32), card, InferenceOptions(), 1.0)
+    labels_model = np.array([[[1, 2, 1, 0, 1]]], np.uint8)
+    conf_model = np.array([[[0.75, 0.5, 0.25, 0.9, 0.5]]], np.float32)
+    info = _sidecar(out, labels_model, conf_model, card, InferenceOptions(), 1.0)
     assert set(info["organs"]) == {"liver", "spleen"}  # no aorta voxel: not listed
     assert info["organs"]["liver"]["voxels"] == int((arr == 1).sum())
     assert info["organs"]["spleen"]["voxels"] == 4 * 2 * 4
     assert info["organs"]["spleen"]["volume_ml"] == pytest.approx(32 * 1.5 / 1000)
-    assert info["organs"]["liver"]["confidence"] == pytest.approx(0.75)
+    assert info["organs"]["liver"]["confidence"] == pytest.approx(0.5)
+    assert info["organs"]["spleen"]["confidence"] == pytest.approx(0.5)
+
+
+def test_fused_labels_are_the_argmax_and_the_winning_share():
+    from masksam_core.inference.engine import fuse_labels
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((5, 11, 6, 7)).astype(np.float32)
+    probs[:, 4] = 0.0  # no score at all: label 0, confidence 0
+    labels, conf = fuse_labels(probs, chunk=4)  # 11 slices: chunks of 4, 4 and 3
+    assert labels.dtype == np.uint8 and np.array_equal(labels, probs.argmax(axis=0))
+    expected = probs.max(axis=0) / np.maximum(probs.sum(axis=0), 1e-8)
+    assert conf.dtype == np.float32 and np.allclose(conf, expected) and not conf[4].any()
+
+
+def test_a_volume_prepared_for_other_options_is_refused():
+    import SimpleITK as sitk
+
+    from masksam_core.inference.engine import InferenceOptions, prepare_input, segment_prepared
+    from masksam_core.model.card import ModelCard
+
+    from masksam_core.predict import default_model_dir
+
+    card = ModelCard.read(default_model_dir())
+    image = sitk.GetImageFromArray(np.full((8, 16, 16), 40, np.float32))
+    volume = prepare_input(image, card, InferenceOptions(fast=True))
+    x, y, z = card.target_spacing
+    assert volume.spacing == [x, y, 2 * z]
+    with pytest.raises(ValueError, match="prepared at"):
+        segment_prepared(volume, model=None, card=card, options=InferenceOptions(fast=False))
 
 
 def test_free_memory_is_released_after_an_openvino_conversion(monkeypatch, tmp_path):

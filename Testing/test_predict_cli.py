@@ -77,6 +77,20 @@ def test_batch_folder(model_dir, volume, tmp_path, capsys):
                          "--progress", "json"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.nii.gz", "b.json", "b.nii.gz"]
+    # b was read and prepared while a was segmented: the same volume gives the same labels
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / n))) for n in ("a.nii.gz", "b.nii.gz"))
+    assert np.array_equal(a, b)
+
+
+def test_batch_stops_at_a_bad_volume_with_one_line_and_keeps_what_was_done(model_dir, volume, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(volume)), str(folder / "a.nii.gz"))
+    _write(folder / "b.nii.gz", np.zeros((30, 30), np.float32))  # 2D: read while a is segmented
+    code, _, err = _run(["-i", str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir),
+                         "--progress", "json"], capsys)
+    assert code == 2 and err.startswith("error: ") and "2D image" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.nii.gz"]
 
 
 def _write(path, arr, spacing=None):
@@ -142,6 +156,11 @@ def test_model_and_output_problems(model_dir, volume, tmp_path, capsys):
     code, _, err = _run(["-i", str(volume), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path / "nomodel")],
                         capsys)
     assert code == 2 and "model folder not found" in err
+    # the input is read while the model loads; a model problem is still the one reported when both are bad
+    flat = _write(tmp_path / "flat.nii.gz", np.zeros((30, 30), np.float32))
+    code, _, err = _run(["-i", str(flat), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tmp_path / "nomodel")],
+                        capsys)
+    assert code == 2 and "model folder not found" in err and len(err.strip().splitlines()) == 1
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "model.json").write_text("{oops")
@@ -224,12 +243,13 @@ def test_demo_segments_the_sample_and_compares_with_its_labels(model_dir, volume
     assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetDirection(), ref.GetDirection())
 
 
-def test_command_pauses_the_garbage_collector_until_the_model_is_loaded(volume, tmp_path):
+def test_command_pauses_the_garbage_collector_until_the_model_is_loaded(model_dir, volume, tmp_path):
     """``python -m masksam_core.predict`` runs no cyclic collection while importing and loading (gc off), then
     freezes what is alive and turns it back on before segmenting; ``main`` called from Python leaves gc alone."""
     probe = f"""
 import gc, runpy, sys
 import masksam_core
+import masksam_core.inference.engine as engine
 from masksam_core.errors import InputError
 from masksam_core.predict import main
 seen = {{}}
@@ -239,8 +259,8 @@ def fake_load(*args, **kwargs):
 def fake_segment(*args, **kwargs):
     seen.setdefault("segment", []).append((gc.isenabled(), gc.get_freeze_count() > 0))
     raise InputError("stop here")
-masksam_core.load_model, masksam_core.segment = fake_load, fake_segment
-argv = ["-i", {str(volume)!r}, "-o", {str(tmp_path / "out.nii.gz")!r}, "--model", "unused"]
+masksam_core.load_model, engine.segment_prepared = fake_load, fake_segment
+argv = ["-i", {str(volume)!r}, "-o", {str(tmp_path / "out.nii.gz")!r}, "--model", {str(model_dir)!r}]
 try:
     main(argv)
 except InputError:

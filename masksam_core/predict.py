@@ -14,6 +14,7 @@ import argparse
 import json
 import signal
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -190,26 +191,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.input or not args.output:
         raise MaskSAMError("give an input (-i) and an output (-o), or --demo")
 
-    from . import load_model, segment
     from .data.volume_io import read_volume
-    from .inference.engine import InferenceOptions, resolve_device
 
     model_dir = resolve_model_dir(args.model)
     jobs = plan_jobs(Path(args.input), Path(args.output), args.format)
     _check_outputs(jobs, args.overwrite)
-    device = resolve_device(args.device)
-    model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
-    resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
-    overlap = {} if args.overlap is None else {"overlap": args.overlap}
-    options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
-                               skip_background_query=not args.decode_background_query,
-                               cleanup=args.cleanup, precision=args.precision, runtime=args.runtime, **overlap)
     report, close = make_progress(args.progress)
+    # A second thread reads and prepares each volume (SimpleITK and numpy release the GIL): the first while torch,
+    # OpenVINO and the model load, each later one while the previous is segmented (see inference/preprocess.py).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masksam-read")
     try:
+        reading = pool.submit(read_volume, jobs[0][0], series_uid=args.series_uid)
+        from . import load_model
+        from .inference.engine import InferenceOptions, effective_overlap, resolve_device, segment_prepared
+        from .model.card import ModelCard
+
+        device = resolve_device(args.device)
+        card = ModelCard.read(model_dir)
+        overlap = {} if args.overlap is None else {"overlap": args.overlap}
+        options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
+                                   skip_background_query=not args.decode_background_query,
+                                   cleanup=args.cleanup, precision=args.precision, runtime=args.runtime, **overlap)
+        effective_overlap(options)  # a bad --overlap is an error before the model loads
+        preparing = pool.submit(_prepare_when_read, reading, card, options)
+        model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+        resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
         for k, (src, out, fmt) in enumerate(jobs):
             report("read", k, len(jobs))
-            image = read_volume(src, series_uid=args.series_uid)
-            labelmap, sidecar = segment(image, model, card, options, progress=report)
+            report("preprocess", 0, 1)
+            volume = preparing.result()
+            report("preprocess", 1, 1)
+            if k + 1 < len(jobs):
+                preparing = pool.submit(_read_and_prepare, jobs[k + 1][0], args.series_uid, card, options)
+            labelmap, sidecar = segment_prepared(volume, model, card, options, progress=report)
+            del volume
             sidecar["input"] = str(src)
             report("write", 0, 1)
             write_outputs(labelmap, sidecar, out, fmt, card, src, args.overwrite, args.series_uid)
@@ -220,7 +235,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{out}: {len(sidecar['organs'])} organs ({organs}) in {sidecar['runtime_s']:.1f} s")
     finally:
         close()
+        pool.shutdown(wait=True, cancel_futures=True)
     return 0
+
+
+def _prepare_when_read(reading: "Future", card, options):
+    """``engine.prepare_input`` on the volume ``reading`` gives; runs in the reading thread, after the read."""
+    from .inference.engine import prepare_input
+
+    return prepare_input(reading.result(), card, options)
+
+
+def _read_and_prepare(src: Path, series_uid: Optional[str], card, options):
+    """Read ``src`` and bring it onto the model's grid (``engine.prepare_input``); runs in the reading thread."""
+    from .data.volume_io import read_volume
+    from .inference.engine import prepare_input
+
+    return prepare_input(read_volume(src, series_uid=series_uid), card, options)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,6 @@ class OpenVINOModel:
         self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
-        self.num_outputs = len(self.compiled.outputs)
 
     def _convert(self, module: nn.Module, example_inputs: Tuple[torch.Tensor, ...], root: Path) -> None:
         import openvino as ov
@@ -172,27 +171,39 @@ class OpenVINOModel:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _infer(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """One call of the compiled model on inputs of exactly the converted shapes; outputs copied out. Inputs are
-        read in place (``share_inputs``), not copied into OpenVINO's own tensors (7.5 s of a 185-s run)."""
-        self.request.infer({k: np.ascontiguousarray(a) for k, a in enumerate(arrays)}, share_inputs=True)
-        return [self.request.get_output_tensor(k).data.copy() for k in range(self.num_outputs)]
+    def _infer_concat(self, calls: Sequence[Sequence[np.ndarray]]) -> List[np.ndarray]:
+        """Run the compiled model once per call (inputs of exactly the converted shapes); returns each output
+        concatenated over the calls, in their order, along its first axis. With several streams, up to ``streams``
+        calls run at once.
 
-    def _infer_all(self, calls: Sequence[Sequence[np.ndarray]]) -> List[List[np.ndarray]]:
-        """Each call's outputs, in the order of ``calls``; with several streams, up to ``streams`` run at once."""
-        if self.queue is None or len(calls) < 2:
-            return [self._infer(arrays) for arrays in calls]
-        results: List[Optional[List[np.ndarray]]] = [None] * len(calls)
+        Inputs are read in place (``share_inputs``), not copied into OpenVINO's own tensors (7.5 s of a 185-s run);
+        each call's outputs are copied once, straight into their rows of the result (copying them out and then
+        concatenating took 0.38 s of a 19-s ``--fast`` run on 2 cores)."""
+        shapes = [tuple(output.get_shape()) for output in self.compiled.outputs]
+        results = [np.empty((len(calls) * shape[0],) + shape[1:], output.get_element_type().to_dtype())
+                   for shape, output in zip(shapes, self.compiled.outputs)]
 
         def store(request, index: int) -> None:
-            results[index] = [request.get_output_tensor(k).data.copy() for k in range(self.num_outputs)]
+            for k, (shape, result) in enumerate(zip(shapes, results)):
+                result[index * shape[0]:(index + 1) * shape[0]] = request.get_output_tensor(k).data
 
-        self.queue.set_callback(store)
-        calls = [[np.ascontiguousarray(a) for a in arrays] for arrays in calls]  # kept alive until wait_all
+        calls = [[np.ascontiguousarray(a) for a in arrays] for arrays in calls]  # kept alive until the calls end
+        if self.queue is None or len(calls) < 2:
+            for index, arrays in enumerate(calls):
+                self.request.infer(dict(enumerate(arrays)), share_inputs=True)
+                store(self.request, index)
+            return results
+        done = np.zeros(len(calls), bool)
+
+        def store_async(request, index: int) -> None:
+            store(request, index)
+            done[index] = True
+
+        self.queue.set_callback(store_async)
         for index, arrays in enumerate(calls):
             self.queue.start_async(dict(enumerate(arrays)), index, share_inputs=True)
         self.queue.wait_all()
-        if any(r is None for r in results):
+        if not done.all():
             raise RuntimeError(f"OpenVINO returned no result for some {self.kind} calls")
         return results
 
@@ -228,8 +239,7 @@ class OpenVINOEncoder(OpenVINOModel):
         (``torch.channels_last``), as :class:`OpenVINODecoder` reads it: transposed once per slice here, not once
         per decoded query."""
         data = _as_numpy(x)
-        per_slice = self._infer_all([[data[b:b + 1]] for b in range(data.shape[0])])
-        features = [torch.from_numpy(np.concatenate([f[k] for f in per_slice])) for k in range(self.num_outputs)]
+        features = [torch.from_numpy(f) for f in self._infer_concat([[data[b:b + 1]] for b in range(data.shape[0])])]
         features[0] = features[0].contiguous(memory_format=torch.channels_last)
         return features
 
@@ -295,8 +305,7 @@ class OpenVINODecoder(OpenVINOModel):
         for g, b in enumerate(first[:, 0].tolist()):
             items = slice(g * d, (g + 1) * d)
             calls.append([emb[b:b + d], sparse_np[items], masks_np[items], aux_np[items]])
-        groups = self._infer_all(calls)
-        return tuple(torch.from_numpy(np.concatenate([out[k] for out in groups])) for k in range(2))
+        return tuple(torch.from_numpy(out) for out in self._infer_concat(calls))
 
 
 class _PromptGeneratorGraph(nn.Module):
@@ -344,10 +353,10 @@ class OpenVINOPromptGenerator(OpenVINOModel):
         arrays = [_as_numpy(features[0].permute(0, 2, 3, 1))] + [_as_numpy(f) for f in features[1:]]
         img = _as_numpy(image)
         d = self.depth
-        slabs = self._infer_all([[a[g * d:(g + 1) * d] for a in arrays] + [img[g:g + 1]]
-                                 for g in range(img.shape[0])])
+        outputs = self._infer_concat([[a[g * d:(g + 1) * d] for a in arrays] + [img[g:g + 1]]
+                                      for g in range(img.shape[0])])
         names = ("aux_mask_logits", "box_head", "tokens")
-        return {name: torch.from_numpy(np.concatenate([o[k] for o in slabs])) for k, name in enumerate(names)}
+        return {name: torch.from_numpy(out) for name, out in zip(names, outputs)}
 
 
 def resolve_runtime(model, runtime: str, device: torch.device) -> str:

@@ -27,13 +27,12 @@ from ..data.intensity import normalize_intensity
 from ..errors import InputError, MaskSAMError
 from ..inference.engine import autocast_dtype, precision_name
 from ..inference.openvino_runtime import make_encoder_runner, resolve_runtime
+from ..inference.preprocess import CT_MODES
 from ..model.masksam import MaskSAM
 from .config import TrainConfig
 from .feature_cache import FeatureCache, canvas, cache_key
 from .loop import IGNORE, Batch
 from .sources import CachedSource, _mask_slices, _val_windows
-
-CT_MODES = ("ct_window", "ct_zscore")
 
 
 def parse_slice_ranges(text: str) -> Dict[str, Set[int]]:
