@@ -123,7 +123,8 @@ def test_fused_labels_are_the_argmax_and_the_winning_share():
     rng = np.random.default_rng(3)
     probs = rng.random((5, 11, 6, 7)).astype(np.float32)
     probs[:, 4] = 0.0  # no score at all: label 0, confidence 0
-    labels, conf = fuse_labels(probs, chunk=4)  # 11 slices: chunks of 4, 4 and 3
+    probs[1:3, 5, 2, 3] = 2.0  # a tie goes to the first class, as numpy's argmax
+    labels, conf = fuse_labels(probs)
     assert labels.dtype == np.uint8 and np.array_equal(labels, probs.argmax(axis=0))
     expected = probs.max(axis=0) / np.maximum(probs.sum(axis=0), 1e-8)
     assert conf.dtype == np.float32 and np.allclose(conf, expected) and not conf[4].any()

@@ -354,21 +354,18 @@ def segment_prepared(volume: ModelSpaceVolume, model: MaskSAM, card: ModelCard,
     return out, sidecar
 
 
-def fuse_labels(probs: np.ndarray, chunk: int = 8) -> Tuple[np.ndarray, np.ndarray]:
-    """probs (C, Z, Y, X) float32 -> labels (Z, Y, X) uint8 (the argmax over C) and confidences (Z, Y, X) float32.
+def fuse_labels(probs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """probs (C, Z, Y, X) float32 -> labels (Z, Y, X) uint8 (the argmax over C; the first class of a tie) and
+    confidences (Z, Y, X) float32.
 
     MaskFormer's fused scores are not normalised (several queries may vote for one class), so the confidence is the
-    winning class's share of the voxel's total score, in [0, 1]. Runs ``chunk`` slices at a time with the class axis
-    last (numpy's argmax over the first axis of the whole (C, Z, Y, X) array is several times slower).
+    winning class's share of the voxel's total score, in [0, 1]. In torch: 0.10 s for (16, 56, 256, 256) on 2
+    cores, numpy's argmax, max and sum over the first axis 0.67 s.
     """
-    nz = probs.shape[1]
-    labels = np.empty(probs.shape[1:], np.uint8)
-    conf = np.empty(probs.shape[1:], np.float32)
-    for z in range(0, nz, chunk):
-        part = np.moveaxis(probs[:, z:z + chunk], 0, -1).copy()  # (z, Y, X, C)
-        labels[z:z + chunk] = part.argmax(axis=-1)
-        conf[z:z + chunk] = part.max(axis=-1) / np.maximum(part.sum(axis=-1), 1e-8)
-    return labels, conf
+    scores = torch.from_numpy(probs)
+    best, labels = scores.max(dim=0)
+    conf = best / scores.sum(dim=0).clamp_min(1e-8)
+    return labels.to(torch.uint8).numpy(), conf.numpy()
 
 
 def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, card: ModelCard,
