@@ -214,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    cleanup=args.cleanup, precision=args.precision, runtime=args.runtime, **overlap)
         effective_overlap(options)  # a bad --overlap is an error before the model loads
         preparing = pool.submit(_prepare_when_read, reading, card, options)
-        model, card = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)
+        model, _ = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)  # `card` above
         resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
         for k, (src, out, fmt) in enumerate(jobs):
             report("read", k, len(jobs))
