@@ -1,6 +1,7 @@
 """MaskSAMSegment: "Segment all organs" with MaskSAM (prompt-free Segment Anything for CT and MR)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -134,6 +135,9 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             self.showTable(self.logic.lastTable)
             self.ui.statusLabel.text = f"Done: {len(self.logic.lastTable)} organs."
+            if self.logic.lastWarnings:  # modality not trained on, a registration that failed: never silent
+                self.ui.statusLabel.text += " Warning: " + " ".join(self.logic.lastWarnings)
+                slicer.util.warningDisplay("\n\n".join(self.logic.lastWarnings), windowTitle="MaskSAM")
         finally:
             run.cleanup()
             self.updateButtons()
@@ -202,6 +206,7 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         settings_dir = Path(slicer.app.slicerUserSettingsFilePath).parent if hasattr(slicer, "app") else Path.home()
         self.registry = models.ModelRegistry(settings_dir / "MaskSAM" / "models.json")
         self.lastTable = []
+        self.lastWarnings = []
 
     @staticmethod
     def installDependencies(missing):
@@ -228,7 +233,8 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         def build(workdir):
             src = mrml_io.write_volume_node(volume_node, str(workdir / "input.nrrd"))
             return engine_process.predict_command(engine_process.slicer_python(), src, str(workdir / "labels.nrrd"),
-                                                  model, device, fast, sam_checkpoint)
+                                                  model, device, fast, sam_checkpoint,
+                                                  modality=mrml_io.dicom_modality(volume_node))
         return engine_process.EngineRun(build)
 
     def finish(self, run, volume_node, output_segmentation=None):
@@ -237,6 +243,9 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         node = mrml_io.import_result(volume_node, str(labels), str(sidecar), output_segmentation)
         node.CreateClosedSurfaceRepresentation()
         self.lastTable = mrml_io.organ_table(str(sidecar))
+        self.lastWarnings = mrml_io.sidecar_warnings(str(sidecar))
+        for message in self.lastWarnings:
+            logging.warning("MaskSAM: " + message)
         return node
 
     def segment(self, volume_node, model=None, device="auto", fast=False, outputSegmentation=None,

@@ -40,7 +40,8 @@ class BrightOracle(nn.Module):
         g, c, d, s, _ = stem_out.shape
         return (encoder or self.encoder)(stem_out.transpose(1, 2).reshape(g * d, c, s, s))
 
-    def forward_features(self, feats, stem_out, decode=None, decoder=None, prompt_generator=None, skip_queries=()):
+    def forward_features(self, feats, stem_out, decode=None, decoder=None, prompt_generator=None, skip_queries=(),
+                         prior=None):
         img = feats[0][:, 0].float()
         fg = (img - self.threshold) * 40
         masks = torch.stack([-fg, fg], dim=1)

@@ -22,3 +22,8 @@ class ModelError(MaskSAMError):
 
 class OutputError(MaskSAMError):
     """An output cannot be written (exists, not writable...)."""
+
+
+class MaskSAMWarning(UserWarning):
+    """Something the user should know about a result (a modality the model was not trained on, a registration
+    that failed): the result is still written, and the warning is in its sidecar."""

@@ -14,12 +14,13 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .cli_util import pause_garbage_collector, resume_garbage_collector, run_cli
-from .errors import InputError, MaskSAMError, OutputError
+from .errors import InputError, MaskSAMError, MaskSAMWarning, OutputError
 
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
                    help="CPU runtime of the image encoder, prompt generator and SAM's decoder: auto (OpenVINO "
                         "when installed), torch or openvino")
+    p.add_argument("--no-atlas", action="store_true",
+                   help="do not register the model's atlas: organs are located by the prompt generator alone")
+    p.add_argument("--modality", choices=("CT", "MR"),
+                   help="the scan's modality, where the file does not say it (DICOM series carry it; otherwise it "
+                        "is told from the intensities)")
     p.add_argument("--demo", action="store_true", help="segment TotalSegmentator's example CT (downloaded once)")
     return p
 
@@ -201,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # OpenVINO and the model load, each later one while the previous is segmented (see inference/preprocess.py).
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masksam-read")
     try:
-        reading = pool.submit(read_volume, jobs[0][0], series_uid=args.series_uid)
+        reading = pool.submit(read_volume, jobs[0][0], series_uid=args.series_uid, modality=args.modality)
         from . import load_model
         from .inference.engine import InferenceOptions, effective_overlap, resolve_device, segment_prepared
         from .model.card import ModelCard
@@ -211,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overlap = {} if args.overlap is None else {"overlap": args.overlap}
         options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
                                    skip_background_query=not args.decode_background_query,
-                                   cleanup=args.cleanup, precision=args.precision, runtime=args.runtime, **overlap)
+                                   cleanup=args.cleanup, precision=args.precision, runtime=args.runtime,
+                                   atlas_prior=not args.no_atlas, **overlap)
         effective_overlap(options)  # a bad --overlap is an error before the model loads
         preparing = pool.submit(_prepare_when_read, reading, card, options)
         model, _ = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)  # `card` above
@@ -222,8 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             volume = preparing.result()
             report("preprocess", 1, 1)
             if k + 1 < len(jobs):
-                preparing = pool.submit(_read_and_prepare, jobs[k + 1][0], args.series_uid, card, options)
-            labelmap, sidecar = segment_prepared(volume, model, card, options, progress=report)
+                preparing = pool.submit(_read_and_prepare, jobs[k + 1][0], args.series_uid, card, options,
+                                        args.modality)
+            with warnings.catch_warnings():  # the sidecar holds them; printed below as one line each
+                warnings.simplefilter("ignore", MaskSAMWarning)
+                labelmap, sidecar = segment_prepared(volume, model, card, options, progress=report)
             del volume
             sidecar["input"] = str(src)
             report("write", 0, 1)
@@ -233,6 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 close()
                 organs = ", ".join(f"{n} {o['volume_ml']:.0f} ml" for n, o in sidecar["organs"].items()) or "none"
                 print(f"{out}: {len(sidecar['organs'])} organs ({organs}) in {sidecar['runtime_s']:.1f} s")
+            for message in sidecar.get("warnings", []):
+                print(f"warning: {src.name}: {message}", file=sys.stderr, flush=True)
     finally:
         close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -246,12 +258,12 @@ def _prepare_when_read(reading: "Future", card, options):
     return prepare_input(reading.result(), card, options)
 
 
-def _read_and_prepare(src: Path, series_uid: Optional[str], card, options):
+def _read_and_prepare(src: Path, series_uid: Optional[str], card, options, modality: Optional[str] = None):
     """Read ``src`` and bring it onto the model's grid (``engine.prepare_input``); runs in the reading thread."""
     from .data.volume_io import read_volume
     from .inference.engine import prepare_input
 
-    return prepare_input(read_volume(src, series_uid=series_uid), card, options)
+    return prepare_input(read_volume(src, series_uid=series_uid, modality=modality), card, options)
 
 
 if __name__ == "__main__":

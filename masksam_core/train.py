@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")
+    p.add_argument("--atlas-cases", type=int,
+                   help="training cases kept in the model folder as its atlas, registered onto each scan at "
+                        "prediction to locate the organs (default 3; fine-tuning adds to the base model's; 0: none)")
     return p
 
 

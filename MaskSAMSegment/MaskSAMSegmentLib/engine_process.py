@@ -18,8 +18,9 @@ from typing import Callable, Dict, List, Optional
 
 def predict_command(python: str, input_path: str, output_path: str, model_dir: Optional[str] = None,
                     device: str = "auto", fast: bool = False, sam_checkpoint: Optional[str] = None,
-                    output_format: str = "nii.gz") -> List[str]:
-    """The predict command line, always with JSON progress and --overwrite (outputs go to a fresh temp folder)."""
+                    output_format: str = "nii.gz", modality: Optional[str] = None) -> List[str]:
+    """The predict command line, always with JSON progress and --overwrite (outputs go to a fresh temp folder);
+    ``modality``: the volume's DICOM Modality where Slicer knows it (the exported file does not carry it)."""
     cmd = [python, "-m", "masksam_core.predict", "-i", input_path, "-o", output_path, "--device", device,
            "--progress", "json", "--overwrite", "--format", output_format]
     if model_dir:
@@ -28,6 +29,8 @@ def predict_command(python: str, input_path: str, output_path: str, model_dir: O
         cmd += ["--sam-checkpoint", sam_checkpoint]
     if fast:
         cmd.append("--fast")
+    if modality:
+        cmd += ["--modality", modality]
     return cmd
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import slicer
 
@@ -88,6 +88,26 @@ def organ_table(sidecar_path: str) -> List[Dict]:
     sidecar = json.loads(Path(sidecar_path).read_text())
     return [{"organ": name, "volume_ml": o.get("volume_ml"), "confidence": o.get("confidence")}
             for name, o in sidecar.get("organs", {}).items()]
+
+
+def sidecar_warnings(sidecar_path: str) -> List[str]:
+    """The engine's warnings for the user (modality, registration) from a result's sidecar."""
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    return [str(w) for w in sidecar.get("warnings", [])]
+
+
+def dicom_modality(volume_node) -> Optional[str]:
+    """The DICOM Modality (0008,0060) of the series a volume was loaded from, or None (not from DICOM, or no
+    DICOM database): the exported NRRD loses it, so the engine is told with ``--modality``."""
+    try:
+        uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+        if not uids:
+            return None
+        db = slicer.dicomDatabase
+        value = db.fileValue(db.fileForInstance(uids[0]), "0008,0060")
+        return value.strip() or None
+    except Exception:  # no database, or an instance it no longer holds: the engine tells by the intensities
+        return None
 
 
 def export_labelmap(segmentation_node, volume_node, path: str) -> str:

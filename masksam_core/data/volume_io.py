@@ -89,8 +89,9 @@ def _series_files(folder: Path, series_uid: Optional[str]) -> List[str]:
     return series[0][1]
 
 
-def _read_series(files: List[str], folder: Path) -> sitk.Image:
-    """Read a sorted DICOM series; InputError when it is unreadable or its slices are not evenly spaced."""
+def _read_series(files: List[str], folder: Path) -> Tuple[sitk.Image, str]:
+    """Read a sorted DICOM series and its Modality tag ("" when absent); InputError when it is unreadable or its
+    slices are not evenly spaced."""
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -101,7 +102,8 @@ def _read_series(files: List[str], folder: Path) -> sitk.Image:
         raise InputError(f"the DICOM series in {folder} holds no readable image ({_first_line(exc)})") from None
     if len(files) >= 3 and image.GetDimension() == 3:
         _check_slice_positions(reader, len(files), image, folder)
-    return image
+    modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else ""
+    return image, modality
 
 
 def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image, folder: Path) -> None:
@@ -177,19 +179,21 @@ def _check_nifti_complete(path: Path) -> None:
         raise InputError(f"cannot read {path.name} as an image (truncated file: {have} of {need} bytes)")
 
 
-def read_volume(path: os.PathLike, series_uid: Optional[str] = None) -> sitk.Image:
+def read_volume(path: os.PathLike, series_uid: Optional[str] = None, modality: Optional[str] = None) -> sitk.Image:
     """Read a 3D scalar volume (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) as float32.
 
     A folder is read as a DICOM series: the one with the most files, or ``series_uid``. Raises
     :class:`InputError` (one line) for a missing path, an unreadable file, a 2D (one slice), 4D, vector or complex
     image, an empty volume, NaN or infinite voxels, a DICOM folder without an image series, or an unknown
-    ``series_uid``. A constant volume is accepted.
+    ``series_uid``. A constant volume is accepted. A DICOM series' Modality tag is kept in the image's metadata
+    (``0008|0060``); ``modality`` sets it for a file that does not carry it (the user's or Slicer's word).
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {p}")
+    modality_read = None
     if p.is_dir():
-        image = _read_series(_series_files(p, series_uid), p)
+        image, modality_read = _read_series(_series_files(p, series_uid), p)
     else:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(p)
@@ -197,7 +201,11 @@ def read_volume(path: os.PathLike, series_uid: Optional[str] = None) -> sitk.Ima
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise InputError(f"cannot read {p.name} as an image ({_first_line(exc)})") from None
-    return validate_volume(image, p.name)
+    image = validate_volume(image, p.name)
+    modality = modality or modality_read
+    if modality:  # kept for the modality check (``atlas.modality``)
+        image.SetMetaData("0008|0060", modality)
+    return image
 
 
 def validate_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
@@ -383,7 +391,7 @@ def write_dicom_seg(labelmap: sitk.Image, dicom_folder: os.PathLike, path: os.Pa
 
     folder = Path(dicom_folder)
     files = _series_files(folder, series_uid)
-    ref_image = _read_series(files, folder)
+    ref_image, _ = _read_series(files, folder)
     if ref_image.GetDimension() != 3 or not same_grid(ref_image, labelmap, tol=1e-3):
         raise InputError("the labelmap does not lie on the DICOM series' grid (size, spacing, origin, direction); "
                          "DICOM SEG needs the source grid")

@@ -8,8 +8,8 @@ a batch is segmented. SimpleITK and numpy release the GIL for this work.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,7 +38,10 @@ class ModelSpaceVolume:
     region: (Zb, Yb, Xb) float32, the normalised intensities inside ``box``.
     pad_value: the normalised value of air (CT) or of the darkest voxel (MR), for padding slabs and tiles.
     spacing: the model-space spacing (x, y, z) in mm.
-    seconds: how long the preparation took.
+    seconds: how long the preparation took (registration included).
+    modality: the scan's modality (``atlas.modality.guess_modality``).
+    prior: the registered atlas (``atlas.prior.AtlasPrior``) on ``grid``, or None.
+    warnings: one-line warnings for the user (modality, registration).
     """
 
     image: sitk.Image
@@ -48,6 +51,9 @@ class ModelSpaceVolume:
     pad_value: float
     spacing: List[float]
     seconds: float
+    modality: str = "CT"
+    prior: Optional[Any] = None  # atlas.prior.AtlasPrior on ``grid``, when the model has an atlas and it was asked for
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -74,9 +80,12 @@ def check_image(image: sitk.Image) -> None:
 
 
 def prepare_volume(image: sitk.Image, card: "ModelCard", fast: bool = False,
-                   crop_to_body: bool = True) -> ModelSpaceVolume:
+                   crop_to_body: bool = True, atlas_prior: bool = True) -> ModelSpaceVolume:
     """Resample ``image`` to the model's grid (:func:`model_spacing`), crop it to the body (CT only, when
-    ``crop_to_body``: the largest region above -500 HU) and normalise it as the card says."""
+    ``crop_to_body``: the largest region above -500 HU) and normalise it as the card says; check its modality
+    against the card's; with ``atlas_prior`` and a model folder with an atlas, register the atlas onto it."""
+    from ..atlas.modality import modality_warning
+
     from ..data.geometry import body_bbox, to_model_space
     from ..data.intensity import normalize_intensity
 
@@ -95,5 +104,39 @@ def prepare_volume(image: sitk.Image, card: "ModelCard", fast: bool = False,
         pad_value = float(normalize_intensity(np.array([-1024.0], np.float32), norm_spec)[0])
     else:
         pad_value = float(region.min())
+    modality, warning = modality_warning(image, card.modalities)
+    warnings = [warning] if warning else []
+    prior = None
+    if atlas_prior and card.atlas:
+        prior, why = _register_atlas(image, grid, card, modality)
+        if why:
+            warnings.append(why)
     return ModelSpaceVolume(image=image, grid=grid, box=box, region=region, pad_value=pad_value, spacing=spacing,
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, modality=modality, prior=prior, warnings=warnings)
+
+
+_ATLASES: Dict[str, Any] = {}
+
+
+def _register_atlas(image: sitk.Image, grid: sitk.Image, card: "ModelCard", modality: str):
+    """(the atlas prior or None, a warning or ""): the model's atlas registered onto ``image``, on ``grid``."""
+    from ..atlas.prior import build_prior
+    from ..atlas.store import read_atlas
+    from ..errors import ModelError
+
+    if card.folder is None:
+        return None, ""
+    if card.training.get("matching") != "class_bound":
+        return None, ""  # prompts from the prior need query c to answer for class c
+    key = str(card.folder.resolve())
+    if key not in _ATLASES:
+        atlas = read_atlas(card.folder, len(card.classes))
+        if atlas is None:
+            raise ModelError(f"the model card names an atlas but {card.folder} has no atlas/atlas.json")
+        _ATLASES[key] = atlas
+    prior = build_prior(image, grid, _ATLASES[key], len(card.classes), "CT" if modality == "CT" else "MR")
+    failed = [r for r in prior.registrations if not r.plausible]
+    if len(failed) == len(prior.registrations):
+        return prior, (f"the atlas could not be registered onto this scan ({failed[0].reason}): organs are "
+                       f"located by the model alone, which generalises poorly to patients it was not trained on")
+    return prior, ""

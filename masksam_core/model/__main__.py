@@ -1,9 +1,11 @@
-"""``python -m masksam_core.model {summary, init, card}``.
+"""``python -m masksam_core.model {summary, init, card, atlas}``.
 
 - ``summary``: builds MaskSAM on a backbone and prints one JSON object with ``trainable_params``,
   ``frozen_params`` and the output shapes for a dummy slab.
 - ``init``: writes an untrained model folder (a starting point for training, and the tests' fixture).
 - ``card FOLDER``: (re)writes the folder's ``README.md``, the model card in prose (training writes it too).
+- ``atlas FOLDER --data DATASET``: (re)writes the folder's atlas from labelled cases of a dataset (training writes
+  it too): the cases registered onto each scan at prediction to locate the organs (``masksam_core.atlas``).
 """
 from __future__ import annotations
 
@@ -70,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overwrite", action="store_true")
     c = sub.add_parser("card", help="(re)write a model folder's README.md (the model card in prose)")
     c.add_argument("folder", help="model folder")
+    a = sub.add_parser("atlas", help="(re)write a model folder's atlas from labelled cases of a dataset")
+    a.add_argument("folder", help="model folder")
+    a.add_argument("--data", required=True, help="dataset folder (nnU-Net v2 raw or MSD layout)")
+    a.add_argument("--cases", help="comma-separated case ids (default: the first --max-cases by id)")
+    a.add_argument("--max-cases", type=int, default=3, help="at most this many cases (default 3)")
+    a.add_argument("--source", default="", help="where the cases come from, for the card (default: dataset.json)")
+    a.add_argument("--licence", default="", help="the cases' licence, for the card (default: dataset.json)")
     return parser
 
 
@@ -116,9 +125,50 @@ def init(args: argparse.Namespace) -> dict:
     return {"model_folder": str(Path(args.out).resolve()), "classes": args.classes, "recipe": args.recipe}
 
 
+def atlas(args: argparse.Namespace) -> dict:
+    """Rebuild ``args.folder``'s atlas from ``args.data`` and record it in the card (the old atlas is replaced in
+    one rename; the card is rewritten atomically)."""
+    from pathlib import Path
+
+    from ..atlas.store import ATLAS_DIR, write_atlas_files
+    from ..data.dataset import discover_dataset, select_classes
+    from ..fileutil import atomic_folder
+    from ..training.atlas_setup import atlas_for_training, dataset_provenance
+    from ..training.runner import modality_of
+    from .card import CARD_FILE, ModelCard
+
+    folder = Path(args.folder)
+    card = ModelCard.read(folder)
+    if card.training.get("matching") != "class_bound":
+        raise MaskSAMError("an atlas prompts a class-bound model (query c answers for class c); this model was "
+                           f"trained with {card.training.get('matching') or 'another'} matching")
+    spec = discover_dataset(args.data)
+    class_map = select_classes(spec, card.class_names)
+    ids = [c.strip() for c in args.cases.split(",")] if args.cases else [c.case_id for c in spec.cases]
+    unknown = sorted(set(ids) - {c.case_id for c in spec.cases})
+    if unknown:
+        raise MaskSAMError(f"--cases names unknown case(s): {', '.join(unknown)}")
+    source, licence = dataset_provenance(spec)
+    built = atlas_for_training(spec, class_map, ids, modality_of(card.normalization), None, len(card.classes),
+                               args.max_cases, source=args.source or source, licence=args.licence or licence)
+    if not built.cases:
+        raise MaskSAMError("no case to put in the atlas")
+    with atomic_folder(folder / ATLAS_DIR) as tmp:
+        record = write_atlas_files(tmp, built)
+    card.atlas = record
+    if not card.trained_modalities:
+        card.trained_modalities = card.modalities
+    tmp_card = folder / f".{CARD_FILE}.tmp"
+    tmp_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp_card.replace(folder / CARD_FILE)
+    return {"model_folder": str(folder.resolve()), "atlas_cases": [c.case_id for c in built.cases]}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "card":
+    if args.command == "atlas":
+        result = atlas(args)
+    elif args.command == "card":
         from .card_text import write_card_readme
 
         result = {"readme": str(write_card_readme(args.folder))}

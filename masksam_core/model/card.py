@@ -36,6 +36,9 @@ class ModelCard:
     description: str = ""
     weights: str = WEIGHTS_FILE
     format_version: int = FORMAT_VERSION
+    atlas: Dict[str, Any] = field(default_factory=dict)  # the atlas folder's record (``masksam_core.atlas.store``)
+    trained_modalities: List[str] = field(default_factory=list)  # empty: told by the normalisation
+    folder: Optional[Path] = field(default=None, compare=False)  # where the card was read from (not serialised)
 
     # ------------------------------------------------------------------ facts used everywhere
     @property
@@ -43,6 +46,14 @@ class ModelCard:
         """The semantic-fusion background threshold this model was validated with (None: the spec's fusion)."""
         value = self.inference.get("background_threshold")
         return None if value is None else float(value)
+
+    @property
+    def modalities(self) -> List[str]:
+        """The modalities the model was trained on: the card's list, else "CT" or "MR" from its normalisation."""
+        if self.trained_modalities:
+            return list(self.trained_modalities)
+        mode = self.normalization.get("mode", "")
+        return ["CT"] if mode.startswith("ct_") else ["MR"]
 
     @property
     def slab_depth(self) -> int:
@@ -93,6 +104,8 @@ class ModelCard:
             "training": self.training,
             "inference": self.inference,
             "weights": self.weights,
+            **({"atlas": self.atlas} if self.atlas else {}),
+            **({"modalities": self.trained_modalities} if self.trained_modalities else {}),
         }
 
     @classmethod
@@ -123,10 +136,13 @@ class ModelCard:
                    preprocessing=dict(pre), training=dict(data.get("training", {})),
                    inference=_inference_settings(data.get("inference", {}), source),
                    intended_use=data.get("intended_use", RESEARCH_ONLY), description=data.get("description", ""),
-                   weights=data.get("weights", WEIGHTS_FILE), format_version=version)
+                   weights=data.get("weights", WEIGHTS_FILE), format_version=version,
+                   atlas=_atlas_record(data.get("atlas", {}), source),
+                   trained_modalities=_modalities(data.get("modalities", []), source))
 
     @classmethod
     def read(cls, folder: Path) -> "ModelCard":
+        """The card of a model folder; ``folder`` is remembered (the atlas lies beside the card)."""
         path = Path(folder) / CARD_FILE
         if not Path(folder).is_dir():
             raise ModelError(f"model folder not found: {folder}")
@@ -136,7 +152,21 @@ class ModelCard:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"model card {path} is corrupt: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        card = cls.from_dict(data, source=str(path))
+        card.folder = Path(folder)
+        return card
+
+
+def _atlas_record(data: Any, source: str) -> Dict[str, Any]:
+    if not isinstance(data, dict) or (data and not isinstance(data.get("cases"), list)):
+        raise ModelError(f"{source}: atlas must be an object with a list of cases")
+    return dict(data)
+
+
+def _modalities(data: Any, source: str) -> List[str]:
+    if not isinstance(data, list) or not all(isinstance(m, str) and m for m in data):
+        raise ModelError(f"{source}: modalities must be a list of names such as [\"CT\"], not {data!r}")
+    return [m.upper() for m in data]
 
 
 def _inference_settings(data: Any, source: str) -> Dict[str, Any]:

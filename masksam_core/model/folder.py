@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -71,11 +72,12 @@ def load_trainable_state(model: MaskSAM, state: dict, source: str = "weights") -
 
 
 def save_model_folder(model: MaskSAM, card: ModelCard, folder: os.PathLike, overwrite: bool = False,
-                      extra_files: Optional[dict] = None) -> Path:
+                      extra_files: Optional[dict] = None, extra_dirs: Optional[list] = None) -> Path:
     """Write ``card`` and the trained weights of ``model`` into ``folder`` atomically.
 
     An existing folder is refused unless ``overwrite``; then it is replaced in one rename (the old copy is
-    removed only after the new one is in place). ``extra_files`` maps file names to text or bytes.
+    removed only after the new one is in place). ``extra_files`` maps file names to text or bytes;
+    ``extra_dirs`` are folders copied in under their own names (the atlas).
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -87,4 +89,6 @@ def save_model_folder(model: MaskSAM, card: ModelCard, folder: os.PathLike, over
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as handle:
                 handle.write(content)
+        for src in extra_dirs or []:
+            shutil.copytree(src, tmp / Path(src).name)
     return folder

@@ -226,7 +226,8 @@ class MaskSAM(nn.Module):
     def forward_features(self, features: Sequence[torch.Tensor], stem_out: torch.Tensor,
                          decode: Optional[torch.Tensor] = None, decoder: Optional[Callable] = None,
                          prompt_generator: Optional[Callable] = None,
-                         skip_queries: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
+                         skip_queries: Sequence[int] = (),
+                         prior: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Everything after the image encoder. features: as from :meth:`encode`; stem_out (G, 3, D, S, S).
 
         ``decode``: (G, N) bool choosing the (slab, query) pairs to decode, ``None`` for all, a callable that
@@ -243,6 +244,13 @@ class MaskSAM(nn.Module):
 
         ``skip_queries``: query indices never decoded, whatever ``decode`` says (inference: the background's query
         of a class-bound model, see ``inference.engine.skipped_queries``).
+
+        ``prior``: prompts from a registered atlas for a class-bound model (``atlas.prior.slab_prompts``, stacked
+        over the G slabs): ``present`` (G, D, N) bool, ``boxes`` (G, D, N, 4) normalised xyxy, ``masks``
+        (G, D, N, S, S) {0, 1}, and ``mask_prompt`` ("prior": the prior masks are SAM's mask prompts, "generator":
+        the prompt generator's, "none": empty masks). Then a query is decoded on a slab where the prior holds its
+        class on some slice (``decode`` is ignored), with the prior's box on each slice that holds it (the nearest
+        such slice's box elsewhere), and slices where the prior does not hold it are not decoded in the outputs.
         """
         g, _, d, s, _ = stem_out.shape
         n = self.config.num_queries
@@ -251,6 +259,10 @@ class MaskSAM(nn.Module):
         boxes, masks = binarize_and_box_prompts(aux.reshape(g * d * n, s, s), pg["box_head"].reshape(-1, 4))
         boxes = boxes.view(g, d, n, 4)
         masks = masks.view(g, d, n, s, s)
+        keep = None
+        if prior is not None:
+            boxes, masks, keep = _prior_prompts(prior, boxes, masks)
+            decode = keep.any(dim=1)
         if decode is None:
             decode = torch.ones(g, n, dtype=torch.bool, device=stem_out.device)
         elif callable(decode):
@@ -295,6 +307,14 @@ class MaskSAM(nn.Module):
         if self.refine is not None:
             pred_masks = self.refine(pred_masks)
         decoded = decode[:, :, None].expand(g, n, d)
+        if keep is not None:  # slices where the prior does not hold the organ: not decoded
+            decoded = decoded & keep.permute(0, 2, 1)
+            pred_masks = pred_masks.masked_fill(~decoded[..., None, None], EMPTY_MASK_LOGIT)
+            pred_logits = torch.where(decoded[..., None], pred_logits, no_obj)
+            if prior.get("class", "model") == "prior":  # the prior names the class: query c is class c
+                forced = torch.full((n, num_out), -NO_OBJECT_LOGIT, dtype=dtype, device=aux.device)
+                forced[torch.arange(min(n, num_out - 1)), torch.arange(min(n, num_out - 1))] = NO_OBJECT_LOGIT
+                pred_logits = torch.where(decoded[..., None], forced[None, :, None, :], pred_logits)
         return {
             "aux_mask_logits": aux,
             "aux_boxes": pg["box_head"],
@@ -304,6 +324,26 @@ class MaskSAM(nn.Module):
             "decoded": decoded.permute(0, 2, 1).reshape(g * d, n),
         }
 
+
+def _prior_prompts(prior: Dict[str, torch.Tensor], boxes: torch.Tensor,
+                   masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes (G, D, N, 4), mask prompts (G, D, N, S, S) and the (G, D, N) bool of slices to keep, from an atlas
+    prior (see :meth:`MaskSAM.forward_features`) and the prompt generator's boxes and masks."""
+    from ..atlas.prior import fill_absent_slices
+
+    keep = prior["present"].to(boxes.device, torch.bool)
+    if keep.shape != boxes.shape[:3]:
+        raise ValueError(f"prior covers {tuple(keep.shape)} (slab, slice, query), the slab has {tuple(boxes.shape[:3])}")
+    prior_boxes = fill_absent_slices(prior["boxes"].to(boxes.device), keep).to(boxes.dtype)
+    boxes = torch.where(keep.any(dim=1, keepdim=True)[..., None], prior_boxes, boxes)
+    mode = prior.get("mask_prompt", "prior")
+    if mode == "prior":
+        masks = prior["masks"].to(masks.device, masks.dtype)
+    elif mode == "none":
+        masks = torch.zeros_like(masks)
+    elif mode != "generator":
+        raise ValueError(f"prior mask_prompt must be 'prior', 'generator' or 'none', not {mode!r}")
+    return boxes, masks, keep
 
 
 def example_decoder_items(model: MaskSAM, groups: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:

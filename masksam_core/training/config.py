@@ -58,6 +58,7 @@ class TrainConfig:
     background_threshold: Optional[float] = None  # semantic fusion: None = the spec's; t: organ only if score > t
     matching: str = "auto"  # auto: class_bound for the cpu recipe (when N >= C), hungarian otherwise
     augmentation: Dict[str, Any] = field(default_factory=dict)
+    atlas_cases: int = 3  # training cases written into the model folder as its registration atlas; 0: none
     num_points: int = 12544
     cache_dir: Optional[str] = None
     progress: str = "bar"

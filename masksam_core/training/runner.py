@@ -31,6 +31,7 @@ from ..errors import MaskSAMError, OutputError
 from ..inference.allocator import tune_allocator
 from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, precision_name, resolve_device
 from ..model.backbones import load_backbone
+from ..atlas.store import ATLAS_DIR
 from ..model.card import CARD_FILE, ModelCard, make_card
 from ..model.card_text import write_card_readme
 from ..model.folder import load_model, save_model_folder
@@ -122,6 +123,28 @@ def write_model_files(model: MaskSAM, card: ModelCard, folder: Path) -> None:
     tmp_c = folder / f".{CARD_FILE}.tmp"
     tmp_c.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_c, folder / CARD_FILE)
+
+
+def modality_of(normalization: Dict) -> str:
+    """The modality a model's normalisation is made for: "CT" for the CT modes, "MR" otherwise."""
+    return "CT" if str(normalization.get("mode", "")).startswith("ct_") else "MR"
+
+
+def _write_atlas(cfg: TrainConfig, data, classes: List[str], normalization: Dict, out: Path) -> Dict:
+    """Write the run's atlas (``atlas_setup``) into ``out``; returns the card's record."""
+    from ..data.dataset import discover_dataset, select_classes
+    from .atlas_setup import atlas_for_training, dataset_provenance, write_training_atlas
+
+    spec = discover_dataset(cfg.data)
+    class_map = select_classes(spec, classes, cfg.class_map)
+    source, licence = dataset_provenance(spec)
+    train_ids = [cid for cid, zs in data.train_z.items() if zs is None or zs]
+    atlas = atlas_for_training(spec, class_map, train_ids, modality_of(normalization),
+                               Path(cfg.init_from) if cfg.init_from else None, len(classes), cfg.atlas_cases,
+                               source=source, licence=licence)
+    print(f"atlas: {len(atlas.cases)} case(s) kept in the model folder for registration "
+          f"({', '.join(c.case_id for c in atlas.cases)})", file=sys.stderr, flush=True)
+    return write_training_atlas(out, atlas)
 
 
 def hardware() -> str:
@@ -308,6 +331,9 @@ def run_training(cfg: TrainConfig) -> Dict:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_output(out / SAVED_CONFIG, overwrite=True) as tmp:  # --resume reads it back
             tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atlas_record: Dict = {}
+    if main_proc and cfg.atlas_cases and matching == "class_bound":
+        atlas_record = _write_atlas(cfg, data, classes, normalization, out)
     log = TrainingLog(out, trainer.criterion.loss_names(), classes, resume_step=resume_step) if main_proc else None
     progress = Progress(max_steps, initial=trainer.step, json_lines=cfg.progress == "json", disable=not main_proc)
     organ_of = {k + 1: n for k, n in enumerate(classes)}
@@ -315,12 +341,15 @@ def run_training(cfg: TrainConfig) -> Dict:
     def make_card_now(extra: Dict) -> ModelCard:
         from ..labels import class_entries
 
-        return make_card(cfg.name or out.name, backbone_name, backbone_sha, input_size, config,
+        card = make_card(cfg.name or out.name, backbone_name, backbone_sha, input_size, config,
                          base_card.classes if base_card else class_entries(classes), spacing, normalization,
                          training={**card_training, **extra}, description=cfg.description or
                          f"MaskSAM ({backbone_name}) trained with `python -m masksam_core.train`.",
                          inference={} if background_threshold is None else
                          {"background_threshold": float(background_threshold)})
+        card.atlas = dict(atlas_record)
+        card.trained_modalities = [modality_of(normalization)]
+        return card
 
     def record_validation(step: int, epoch: int, scores: Dict) -> Tuple[Dict[str, float], Optional[float]]:
         """Log one validation (CSV, TensorBoard, progress event) -> (Dice per organ, their mean or None)."""
@@ -365,7 +394,7 @@ def run_training(cfg: TrainConfig) -> Dict:
                         best = {"dice_mean": mean if mean is not None else -1.0, "step": trainer.step, "dice": named}
                     card = make_card_now({**extra, "best_step": best["step"], "val_dice": best["dice"]})
                     save_model_folder(model, make_card_now({**extra, "val_dice": named}), out / LATEST_DIR,
-                                      overwrite=True)
+                                      overwrite=True, extra_dirs=[out / ATLAS_DIR] if atlas_record else None)
                     if improved:
                         write_model_files(model, card, out)
                     save_state(out / STATE_DIR, {"model": model.trainable_state_dict(), "trainer": trainer.state(),
