@@ -77,6 +77,23 @@ def test_majority_vote_of_several_atlases():
     assert fuse_votes([a], 3) is a
 
 
+def test_blending_keeps_the_prior_inside_removes_far_outside_and_lets_sam_decide_at_the_edge():
+    from masksam_core.inference.engine import blend_prior
+
+    prior = np.zeros((1, 1, 40), np.uint8)
+    prior[0, 0, 10:30] = 1
+    probs = np.zeros((2, 1, 1, 40), np.float32)
+    probs[0] = 0.5  # the background threshold
+    probs[1, 0, 0, 10:30] = 0.1  # SAM is unsure inside the registered organ...
+    probs[1, 0, 0, 5:9] = 0.95  # ...and finds it a little outside the prior (x 5-8) and far outside (x 38)
+    probs[1, 0, 0, 38] = 0.95
+    blend_prior(probs, prior, 0.5, np.array([0.0, 0.0, 2.0]))
+    organ = probs[1, 0, 0] > probs[0, 0, 0]  # with w = 0.5: organ where SAM's score and the prior's sum over 1
+    assert organ[14:26].all()  # inside the registered organ, although SAM was unsure there
+    assert organ[8] and not organ[5] and not organ[38]  # next to it SAM decides; far away the prior says no
+    assert np.allclose(probs[0], 0.5)
+
+
 # ---------------------------------------------------------------------------------------------- model
 @pytest.fixture(scope="module")
 def tiny_model():
@@ -324,3 +341,27 @@ def test_the_proxy_case_keeps_image_and_labels_aligned(s1):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_proxy_case(image, labels, 6)
+
+
+def test_training_atlas_adds_the_new_cases_to_the_base_models(tmp_path):
+    """Fine-tuning keeps the base atlas and adds its own training cases (a case of the same id replaces the old
+    version); at most max_cases are kept, the newest first kept."""
+    from masksam_core.data.dataset import discover_dataset, select_classes
+    from masksam_core.training.atlas_setup import atlas_for_training
+    from synthetic_data import make_nnunet_dataset
+
+    root = make_nnunet_dataset(tmp_path / "Dataset001", n_cases=3)
+    spec = discover_dataset(root)
+    class_map = select_classes(spec, ["liver", "spleen", "aorta"])
+    base = tmp_path / "base"
+    write_atlas(base, Atlas([_synthetic_atlas_case(7)]))  # id "case7"
+    atlas = atlas_for_training(spec, class_map, ["case00", "case01"], "CT", base, 3, max_cases=3)
+    assert [c.case_id for c in atlas.cases] == ["case7", "case00", "case01"]
+    lab = sitk.GetArrayFromImage(atlas.cases[1].labels)
+    assert set(np.unique(lab)) <= {0, 1, 2, 3} and (lab == 3).any()  # the card's class values
+    assert [c.case_id for c in atlas_for_training(spec, class_map, ["case00", "case01"], "CT", base, 3,
+                                                  max_cases=2).cases] == ["case00", "case01"]
+    write_atlas(base, Atlas([_synthetic_atlas_case(7), make_case("case01", *synthetic_case(9), "CT")]))
+    again = atlas_for_training(spec, class_map, ["case01"], "CT", base, 3, max_cases=3)
+    assert [c.case_id for c in again.cases] == ["case7", "case01"]
+    assert again.cases[1].source.endswith("case01")  # the new version, not the base's

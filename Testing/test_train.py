@@ -73,6 +73,9 @@ def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp
 
     assert model_main(["card", str(out)]) == 0 and (out / "README.md").read_text() == readme
     card = json.loads((out / "model.json").read_text())
+    # the training cases (not the validation case) are the model's atlas, in the folder and its latest/ copy
+    assert [c["id"] for c in card["atlas"]["cases"]] == ["case00", "case01"] and card["modalities"] == ["CT"]
+    assert (out / "atlas" / "atlas.json").is_file() and (out / "latest" / "atlas" / "case01_labels.nii.gz").is_file()
     assert card["training"]["recipe"] == "cpu" and card["training"]["cached_encoder_features"]
     assert "prompt_generator" in card["training"]["trained_parts"]
     assert [c["name"] for c in card["classes"]] == ["liver", "spleen", "aorta"]
@@ -85,7 +88,9 @@ def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp
     pred = sitk.ReadImage(str(tmp_path / "pred.nii.gz"))
     ref = sitk.ReadImage(str(image))
     assert pred.GetSize() == ref.GetSize() and pred.GetOrigin() == ref.GetOrigin()
-    assert json.loads((tmp_path / "pred.json").read_text())["labels"] == {"1": "liver", "2": "spleen", "3": "aorta"}
+    sidecar = json.loads((tmp_path / "pred.json").read_text())
+    assert sidecar["labels"] == {"1": "liver", "2": "spleen", "3": "aorta"}
+    assert sidecar["prompts"] == "atlas prior" and sidecar["atlas_prior"]["cases"][0]["plausible"]
 
 
 def test_existing_output_is_never_overwritten_without_asking(tiny, dataset, tmp_path):
@@ -345,6 +350,8 @@ def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path, capsys)
     assert "before fine-tuning" in (tuned / "README.md").read_text()
     base_card = json.loads((base / "model.json").read_text())
     assert card["training"]["base_training"] == base_card["training"]  # lineage kept
+    # fine-tuning on the same cases replaces them in the atlas instead of adding copies
+    assert [c["id"] for c in card["atlas"]["cases"]] == [c["id"] for c in base_card["atlas"]["cases"]]
     assert base_card["training"]["command"] in (tuned / "README.md").read_text()
     a = torch.load(base / "weights.pt", weights_only=True)
     b = torch.load(tuned / "weights.pt", weights_only=True)

@@ -3,8 +3,8 @@
 Each training case (not the validation cases) becomes an atlas case (``atlas.store.make_case``: resampled to 3 mm,
 cropped to the body, int16 image and uint8 labels in the model's class values); fine-tuning keeps the base model's
 atlas cases first and adds the new ones, so every corrected case also improves localisation. At most
-``atlas_cases`` cases are kept (each costs one registration, 2-5 s on 2 cores, at every prediction); the base
-atlas's cases go first, then the dataset's in case-id order.
+``atlas_cases`` cases are kept (each costs one registration, 2-5 s on 2 cores, at every prediction): the run's own
+cases (in case-id order) before the base atlas's, a case of the same id replacing the base's version.
 """
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ DEFAULT_ATLAS_CASES = 3
 def atlas_for_training(spec: DatasetSpec, class_map: ClassMap, train_ids: List[str], modality: str,
                        base_model: Optional[Path], num_classes: int, max_cases: int = DEFAULT_ATLAS_CASES,
                        source: str = "", licence: str = "") -> Atlas:
-    """The atlas of a new model folder: ``base_model``'s atlas cases, then the training cases ``train_ids``."""
-    cases = []
+    """The atlas of a new model folder: ``base_model``'s atlas cases, then the training cases ``train_ids`` (at
+    most ``max_cases`` of them in all; see the module docstring)."""
+    base_cases = []
     if base_model is not None:
         base = read_atlas(base_model, num_classes)
         if base is not None:
-            cases.extend(base.cases)
-    taken = {c.case_id for c in cases}
+            base_cases = list(base.cases)
+    new_cases = []
     for case in sorted(spec.cases, key=lambda c: c.case_id):
-        if len(cases) >= max_cases:
+        if len(new_cases) >= max_cases:
             break
         if case.case_id not in train_ids:
             continue
@@ -39,10 +40,13 @@ def atlas_for_training(spec: DatasetSpec, class_map: ClassMap, train_ids: List[s
         label = sitk.ReadImage(str(case.label))
         mapped = sitk.GetImageFromArray(class_map.apply(sitk.GetArrayFromImage(label)))
         mapped.CopyInformation(label)
-        case_id = case.case_id if case.case_id not in taken else f"{case.case_id}_{len(cases)}"
-        taken.add(case_id)
-        cases.append(make_case(case_id, image, mapped, modality, source or f"{spec.root.name}/{case.case_id}",
-                               licence))
+        new_cases.append(make_case(case.case_id, image, mapped, modality,
+                                   source or f"{spec.root.name}/{case.case_id}", licence))
+    # a case fine-tuned on again (same id) replaces its older version; the base atlas's other cases come first
+    new_ids = {c.case_id for c in new_cases}
+    cases = [c for c in base_cases if c.case_id not in new_ids] + new_cases
+    if len(cases) > max_cases:  # keep the newest: the cases this run was given, then the base's latest
+        cases = cases[len(cases) - max_cases:]
     return Atlas(cases[:max_cases])
 
 
