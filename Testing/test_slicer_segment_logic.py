@@ -131,9 +131,23 @@ def test_seg_nrrd_export_loads_back(scene, tmp_path):
 def test_progress_parsing_and_command():
     cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", True)
     assert cmd[:3] == ["py", "-m", "masksam_core.predict"] and "--fast" in cmd and "json" in cmd
+    assert "--modality" not in cmd
+    cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", False, modality="MR")
+    assert cmd[cmd.index("--modality") + 1] == "MR"  # the NRRD Slicer exports loses the DICOM tag
     p = engine_process.parse_progress('{"stage": "segment", "done": 3, "total": 4}\n')
     assert p["fraction"] == 0.75
     assert engine_process.parse_progress("some log line") is None
+
+
+def test_the_engines_warnings_reach_the_module(tmp_path):
+    sidecar = tmp_path / "labels.json"
+    sidecar.write_text(json.dumps({"organs": {}, "warnings": ["this scan looks like MR"]}))
+    assert mrml_io.sidecar_warnings(str(sidecar)) == ["this scan looks like MR"]
+    sidecar.write_text(json.dumps({"organs": {}}))
+    assert mrml_io.sidecar_warnings(str(sidecar)) == []
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    assert mrml_io.dicom_modality(node) is None  # not loaded from DICOM: the engine tells by the intensities
 
 
 def test_cancel_really_stops_and_removes_temporary_files(tmp_path):

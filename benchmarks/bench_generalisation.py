@@ -10,8 +10,8 @@ default), for instance TotalSegmentator's DICOM example CT, which this project n
 setting is an :class:`InferenceOptions` variant: ``default``, ``no-atlas`` (prompt generator only), ``model-class``
 (the class head names the prior's masks) or ``k=v`` pairs joined by ``+`` (``prior_weight=0.3``).
 
-Prints one line per case and setting (mean Dice over the organs present in the reference, then per organ) and a
-JSON summary at the end.
+Prints one line per case and setting (mean Dice over the organs present in the reference, per organ, and the
+organs painted that the reference does not hold, in ml) and a JSON summary at the end.
 """
 from __future__ import annotations
 
@@ -102,9 +102,13 @@ def main() -> int:
             pred = sitk.GetArrayFromImage(labelmap)
             scores = {n: round(dice(pred == value_of[n], r == ref_value[n]), 3) for n in organs}
             mean = round(float(np.mean(list(scores.values()))), 3) if scores else None
+            # organs painted where the reference has none (another body region, a thin slab): should be empty
+            spurious = {n: o["volume_ml"] for n, o in sidecar["organs"].items()
+                        if n not in organs and n in ref_value and o["volume_ml"] >= 1.0}
             summary.setdefault(setting, {})[name] = mean
             print(f"{name:10s} {setting:14s} mean {mean} ({len(organs)} organs, {seconds:.1f} s, "
-                  f"{sidecar['prompts']}) {json.dumps(scores)}", flush=True)
+                  f"{sidecar['prompts']}) {json.dumps(scores)} absent but painted (ml): {json.dumps(spurious)}",
+                  flush=True)
             for message in sidecar.get("warnings", []):
                 print(f"    warning: {message}")
     for setting, per_case in summary.items():

@@ -30,7 +30,8 @@ SETTINGS = {"default": [], "fast": ["--fast"], "no-prune": ["--no-prune"], "fp32
             "bf16": ["--precision", "bf16"], "fast-bf16": ["--fast", "--precision", "bf16"],
             "torch": ["--runtime", "torch"], "fast-torch": ["--fast", "--runtime", "torch"],
             "overlap25": ["--overlap", "0.25"], "overlap0": ["--overlap", "0"],
-            "decode-background": ["--decode-background-query"]}
+            "decode-background": ["--decode-background-query"], "no-atlas": ["--no-atlas"],
+            "fast-no-atlas": ["--fast", "--no-atlas"]}
 
 
 def ct_like(size, spacing) -> sitk.Image:

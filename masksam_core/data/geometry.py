@@ -108,9 +108,16 @@ def body_bbox(array_zyx: np.ndarray, threshold: float = -500.0) -> Optional[Tupl
     fg = np.asarray(array_zyx) > threshold
     if not fg.any():
         return None
-    labels, n = ndimage.label(fg)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        fg = labels == int(np.argmax(sizes))
-    return ndimage.find_objects(fg.astype(np.uint8))[0]
+    return ndimage.find_objects(largest_component(fg).astype(np.uint8))[0]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected region (face connectivity) of a bool mask; the mask itself when it has one or none."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
