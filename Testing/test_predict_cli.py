@@ -274,3 +274,24 @@ print(seen)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str({"load": [True, False], "segment": [(True, False), (True, True)], "code": 2})
+
+
+def test_the_installed_masksam_command_runs_each_door(tmp_path):
+    """The console script pyproject installs (``masksam``) starts, lists its commands and reaches the doors."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("masksam") or str(Path(sys.executable).with_name("masksam"))
+    if not Path(exe).exists():
+        pytest.skip("the package is not installed with its console script (pip install -e .)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "predict" in out.stdout and "train" in out.stdout, out.stderr
+    out = subprocess.run([exe, "predict", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--no-atlas" in out.stdout
+    out = subprocess.run([exe, "predict", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "o.nii.gz")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "input not found" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([exe, "nonsense"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown command" in out.stderr
