@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import SimpleITK as sitk
+
+from .errors import MaskSAMWarning
 
 
 BOWEL = ("colon", "small_bowel", "duodenum", "stomach")
@@ -50,13 +54,16 @@ def run_demo(args: argparse.Namespace) -> int:
     sample = get_sample()
     image = read_volume(sample["ct"])
     report, close = make_progress(args.progress)
+    options = InferenceOptions(device=str(device), fast=args.fast, cleanup=args.cleanup, precision=args.precision,
+                               runtime=args.runtime, atlas_prior=not args.no_atlas)
     try:
-        labels, sidecar = segment(image, model, card, InferenceOptions(device=str(device), fast=args.fast,
-                                                                        cleanup=args.cleanup,
-                                                                        precision=args.precision,
-                                                                        runtime=args.runtime), progress=report)
+        with warnings.catch_warnings():  # the sidecar holds them; printed below as one line each, as predict does
+            warnings.simplefilter("ignore", MaskSAMWarning)
+            labels, sidecar = segment(image, model, card, options, progress=report)
     finally:
         close()
+    for message in sidecar.get("warnings", []):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(sample["labels"])))
     dice = dice_by_name(sitk.GetArrayFromImage(labels), card.labels(), ref, sample["label_names"])
     sidecar["input"] = str(sample["ct"])
