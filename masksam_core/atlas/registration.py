@@ -246,10 +246,7 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
         metric = _run_stage(fixed_m, moving_m, mask, similarity, iterations,
                             [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if thin else None)
         init_quality["stages"].append("similarity")
-        transform = sitk.AffineTransform(3)
-        transform.SetCenter(similarity.GetCenter())
-        transform.SetMatrix(similarity.GetMatrix())
-        transform.SetTranslation(similarity.GetTranslation())
+        transform = _as_affine(similarity)
         weights = [1.0] * 12
         if thin:
             for i in (2, 5, 6, 7, 8):  # matrix entries m02, m12, m20, m21, m22 (row-major)
@@ -261,10 +258,7 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
         if not init_quality["stages"]:
             transform = sitk.AffineTransform(init)
         elif len(init_quality["stages"]) == 1:
-            transform = sitk.AffineTransform(3)
-            transform.SetCenter(similarity.GetCenter())
-            transform.SetMatrix(similarity.GetMatrix())
-            transform.SetTranslation(similarity.GetTranslation())
+            transform = _as_affine(similarity)
     body_img = moving_body_image(moving, moving_body)
     quality = {**init_quality, "metric": metric, "scales": affine_scales(transform),
                **body_overlap(transform, fixed, fixed_body, body_img)}
@@ -306,6 +300,15 @@ def demons_stage(fixed: sitk.Image, moving: sitk.Image,
     disp = sitk.GetArrayViewFromImage(field)
     stats = {"max_displacement_mm": float(np.sqrt((np.asarray(disp) ** 2).sum(-1)).max())}
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)), stats
+
+
+def _as_affine(similarity: sitk.Similarity3DTransform) -> sitk.AffineTransform:
+    """The same mapping as an affine (centre, matrix and translation copied)."""
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(similarity.GetCenter())
+    affine.SetMatrix(similarity.GetMatrix())
+    affine.SetTranslation(similarity.GetTranslation())
+    return affine
 
 
 def _run_stage(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, transform: sitk.Transform,
