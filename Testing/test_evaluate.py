@@ -113,3 +113,17 @@ def test_folders_of_cases(tmp_path, capsys):
     assert len(report["cases"]) == 2 and report["mean_over_cases"]["dice"] == 1.0
     assert run_cli(evaluate_main, ["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "nope"),
                                    "--out", str(tmp_path / "x.json")]) == 2
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"one": "liver"}', '{"pred": 3}'])
+def test_a_malformed_labels_file_is_one_line_not_a_traceback(tmp_path, capsys, text):
+    arr = np.zeros((6, 8, 8), np.uint8)
+    arr[2:4, 2:5, 2:5] = 1
+    _write(tmp_path / "p.nii.gz", arr)
+    _write(tmp_path / "r.nii.gz", arr)
+    (tmp_path / "labels.json").write_text(text)
+    args = ["--pred", str(tmp_path / "p.nii.gz"), "--ref", str(tmp_path / "r.nii.gz"), "--labels",
+            str(tmp_path / "labels.json"), "--out", str(tmp_path / "o.json")]
+    assert run_cli(evaluate_main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --labels labels.json must be a JSON object") and len(err.splitlines()) == 1

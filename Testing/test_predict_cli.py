@@ -295,3 +295,28 @@ def test_the_installed_masksam_command_runs_each_door(tmp_path):
     assert out.returncode == 2 and "input not found" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([exe, "nonsense"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_a_format_that_contradicts_the_output_name_is_refused():
+    from pathlib import Path
+
+    from masksam_core.errors import MaskSAMError
+    from masksam_core.predict import output_format
+
+    assert output_format(Path("x.nrrd"), None) == "nrrd" and output_format(Path("x.nrrd"), "nrrd") == "nrrd"
+    assert output_format(Path("organs"), "seg.nrrd") == "seg.nrrd"  # no extension: --format decides
+    assert output_format(Path("x.nii"), "nii.gz") == "nii.gz"
+    with pytest.raises(MaskSAMError, match="named as nrrd"):
+        output_format(Path("x.nrrd"), "nii.gz")
+    with pytest.raises(MaskSAMError, match="named as seg.nrrd"):
+        output_format(Path("x.seg.nrrd"), "nrrd")
+
+
+def test_a_bad_training_spacing_says_what_it_needs(capsys):
+    from masksam_core.train import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "d", "--out", "o", "--spacing", "a,b"])
+    err = capsys.readouterr().err
+    assert "needs three positive numbers x,y,z in mm, got 'a,b'" in err and "lambda" not in err
+    assert parse_config(["--data", "d", "--out", "o", "--spacing", "1,1,2.5"]).spacing == [1.0, 1.0, 2.5]

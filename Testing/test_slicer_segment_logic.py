@@ -131,7 +131,11 @@ def test_seg_nrrd_export_loads_back(scene, tmp_path):
 def test_progress_parsing_and_command():
     cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", True)
     assert cmd[:3] == ["py", "-m", "masksam_core.predict"] and "--fast" in cmd and "json" in cmd
-    assert "--modality" not in cmd
+    assert "--modality" not in cmd and "--format" not in cmd  # labels.nrrd: the extension decides
+    from masksam_core.predict import build_parser, output_format
+
+    args = build_parser().parse_args(cmd[3:])
+    assert output_format(Path(args.output), args.format) == "nrrd"
     cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", False, modality="MR")
     assert cmd[cmd.index("--modality") + 1] == "MR"  # the NRRD Slicer exports loses the DICOM tag
     p = engine_process.parse_progress('{"stage": "segment", "done": 3, "total": 4}\n')

@@ -62,11 +62,17 @@ def _label_maps(labels_file: Optional[str]) -> Tuple[LabelMap, LabelMap, LabelMa
     p = Path(labels_file)
     if not p.exists():
         raise InputError(f"labels file not found: {p}")
-    data = json.loads(p.read_text())
-    if "pred" in data or "ref" in data:
-        conv = {k: ({int(v): n for v, n in data[k].items()} if k in data else None) for k in ("pred", "ref")}
-        return conv["pred"], conv["ref"], None
-    both = {int(v): n for v, n in data.items()}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if "pred" in data or "ref" in data:
+            conv = {k: ({int(v): str(n) for v, n in data[k].items()} if k in data else None) for k in ("pred", "ref")}
+            return conv["pred"], conv["ref"], None
+        both = {int(v): str(n) for v, n in data.items()}
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise InputError(f"--labels {p.name} must be a JSON object {{\"value\": \"name\"}} (or {{\"pred\": {{...}}, "
+                         f"\"ref\": {{...}}}}): {str(exc).splitlines()[0][:120]}") from None
     return None, both, both
 
 

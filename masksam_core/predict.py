@@ -55,9 +55,17 @@ def sidecar_path(output: Path) -> Path:
 
 
 def output_format(output: Path, fmt: Optional[str]) -> str:
-    if fmt:
-        return fmt
+    """The format to write ``output`` in: ``fmt`` when given (an error when the output's own extension says another
+    format), else the extension's."""
     name = output.name.lower()
+    if fmt:
+        try:
+            implied = output_format(output, None)
+        except MaskSAMError:
+            return fmt  # no recognisable extension: --format decides
+        if implied != fmt and not (fmt == "nii.gz" and implied == "nii"):
+            raise MaskSAMError(f"--format {fmt} but the output {output.name!r} is named as {implied}; change one")
+        return fmt
     if name.endswith(".seg.nrrd"):
         return "seg.nrrd"
     if name.endswith(".dcm"):

@@ -18,11 +18,15 @@ from typing import Callable, Dict, List, Optional
 
 def predict_command(python: str, input_path: str, output_path: str, model_dir: Optional[str] = None,
                     device: str = "auto", fast: bool = False, sam_checkpoint: Optional[str] = None,
-                    output_format: str = "nii.gz", modality: Optional[str] = None) -> List[str]:
+                    output_format: Optional[str] = None, modality: Optional[str] = None) -> List[str]:
     """The predict command line, always with JSON progress and --overwrite (outputs go to a fresh temp folder);
-    ``modality``: the volume's DICOM Modality where Slicer knows it (the exported file does not carry it)."""
+    ``modality``: the volume's DICOM Modality where Slicer knows it (the exported file does not carry it);
+    ``output_format``: predict's ``--format`` (None: the output's extension decides, as the module's labels.nrrd
+    needs; predict refuses a format that contradicts the extension)."""
     cmd = [python, "-m", "masksam_core.predict", "-i", input_path, "-o", output_path, "--device", device,
-           "--progress", "json", "--overwrite", "--format", output_format]
+           "--progress", "json", "--overwrite"]
+    if output_format:
+        cmd += ["--format", output_format]
     if model_dir:
         cmd += ["--model", model_dir]
     if sam_checkpoint:
