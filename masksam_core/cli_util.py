@@ -1,10 +1,11 @@
 """Small helpers shared by the command-line doors."""
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .errors import MaskSAMError
 
@@ -50,6 +51,17 @@ def resume_garbage_collector() -> None:
         _collector["paused"] = False
         gc.freeze()
         gc.enable()
+
+
+def spacing_argument(text: str) -> List[float]:
+    """An argparse type for ``--spacing x,y,z``: three positive numbers in mm (anything else is one line)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"needs three positive numbers x,y,z in mm, got {text!r}")
+    return values
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

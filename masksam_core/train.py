@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from .cli_util import ask_torch_for_huge_pages, run_cli
+from .cli_util import ask_torch_for_huge_pages, run_cli, spacing_argument
 from .training.config import (AUX_BCE_MODES, PROMPT_STAGE_PRECISIONS, TrainConfig, merge_config, read_config_file,
                               resumed_config)
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--slab-depth", type=int)
     p.add_argument("--num-queries", type=int)
-    p.add_argument("--spacing", type=spacing_mm, help="target spacing x,y,z (mm)")
+    p.add_argument("--spacing", type=spacing_argument, help="target spacing x,y,z (mm)")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
@@ -84,17 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training cases kept in the model folder as its atlas, registered onto each scan at "
                         "prediction to locate the organs (default 3; fine-tuning adds to the base model's; 0: none)")
     return p
-
-
-def spacing_mm(text: str) -> List[float]:
-    """``--spacing x,y,z``: three positive numbers in mm (argparse reports anything else in one line)."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"needs three positive numbers x,y,z in mm, got {text!r}")
-    return values
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..cli_util import run_cli
+from ..cli_util import run_cli, spacing_argument
 from ..errors import MaskSAMError
 from .backbones import BACKBONE_NAMES, load_backbone
 from .card import DEFAULT_CT_NORMALIZATION, make_card
@@ -34,16 +34,6 @@ def _classes(text: str) -> List[str]:
     if len(set(names)) != len(names):
         raise MaskSAMError("--classes lists a class twice")
     return names
-
-
-def _spacing(text: str) -> List[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) <= 0:
-        raise MaskSAMError(f"--spacing needs three positive numbers x,y,z in mm, got {text!r}")
-    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(i)
     i.add_argument("--classes", required=True, type=_classes, help="comma-separated class names, e.g. liver,spleen")
     i.add_argument("--out", required=True, help="model folder to create")
-    i.add_argument("--spacing", type=_spacing, default=list(DEFAULT_SPACING), help="target spacing x,y,z in mm")
+    i.add_argument("--spacing", type=spacing_argument, default=list(DEFAULT_SPACING), help="target spacing x,y,z in mm")
     i.add_argument("--name", help="model name (default: the folder's name)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--overwrite", action="store_true")
