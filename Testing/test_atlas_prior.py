@@ -174,6 +174,10 @@ def test_card_records_the_atlas_and_the_modalities(tmp_path):
     assert card.modalities == ["CT"] and card.to_dict()["atlas"] == data["atlas"]
     data.pop("modalities")
     assert ModelCard.from_dict(data).modalities == ["CT"]  # told by the CT normalisation
+    from masksam_core.model.card_text import card_markdown
+
+    text = card_markdown(card)
+    assert "## Atlas" in text and "`x` (?): s; licence Apache-2.0" in text and "Trained on: CT." in text
     with pytest.raises(ModelError, match="modalities"):
         ModelCard.from_dict({**data, "modalities": "CT"})
     with pytest.raises(ModelError, match="atlas"):

@@ -39,6 +39,15 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
                                        f"a voxel is background unless an organ's fused score exceeds "
                                        f"{card.background_threshold} (the background class's own mask is not used)."),
               ""]
+    lines += [f"Trained on: {', '.join(card.modalities)}.", ""]
+    if card.atlas:
+        lines += ["## Atlas", "", "Registered onto each scan at prediction to locate the organs (`atlas/`; "
+                  "`--no-atlas` turns it off):", ""]
+        for case in card.atlas.get("cases", []):
+            source = case.get("source") or "source not recorded"
+            licence = case.get("licence") or "not recorded"
+            lines.append(f"- `{case.get('id')}` ({case.get('modality', '?')}): {source}; licence {licence}")
+        lines.append("")
     val = tr.get("val_dice", {}) or {}
     before = (tr.get("val_dice_before") or {}).get("dice") or {}  # fine-tuning: the base model's, at step 0
     extra_head, extra_rule = (" before fine-tuning |", "---|") if before else ("", "")
