@@ -4,13 +4,14 @@ After registration (``registration.py``) each atlas case's labels are resampled 
 with several cases the prior is their majority vote. Per slab and organ the prior then gives, on each slice where
 it holds the organ, a box (the prior mask's bounding box, padded) and the mask itself: :func:`slab_prompts`. The
 engine decodes an organ's query only on slabs where the prior holds the organ, with these prompts in place of the
-prompt generator's (``MaskSAM.forward_features(..., prior=...)``); the classifier token still decides the class.
+prompt generator's (``MaskSAM.forward_features(..., prior=...)``); by default the prior also names the class
+(``InferenceOptions.prior_class``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     import torch
 
 MIN_AREA_PX = 10  # prior masks smaller than this on a slice give no box (a sliver of a mis-registered organ)
-BOX_PAD_MM = 8.0  # what SAM's box prompt adds around the prior's box on each side
 
 
 @dataclass
@@ -55,13 +55,12 @@ def fuse_votes(warped: List[np.ndarray], num_classes: int) -> np.ndarray:
     return np.argmax(votes, axis=0).astype(np.uint8)
 
 
-def build_prior(scan: sitk.Image, grid: sitk.Image, atlas: Atlas, num_classes: int, modality: str = "CT",
-                registrations: Optional[List[Registration]] = None) -> AtlasPrior:
+def build_prior(scan: sitk.Image, grid: sitk.Image, atlas: Atlas, num_classes: int,
+                modality: str = "CT") -> AtlasPrior:
     """Register each atlas case onto ``scan`` (the input, any orientation) and warp its labels onto ``grid`` (the
-    engine's model-space image); cases whose registration is implausible are left out of the vote.
-    ``registrations``: reuse registrations already made (one per case)."""
+    engine's model-space image); cases whose registration is implausible are left out of the vote."""
     start = time.perf_counter()
-    regs = registrations or [register(scan, case.image, modality) for case in atlas.cases]
+    regs = [register(scan, case.image, modality) for case in atlas.cases]
     warped = [sitk.GetArrayFromImage(warp_labels(case.labels, grid, reg.transform))
               for case, reg in zip(atlas.cases, regs) if reg.plausible]
     z, y, x = sitk.GetArrayViewFromImage(grid).shape

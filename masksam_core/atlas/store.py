@@ -7,7 +7,7 @@ Layout (``atlas/`` in a model folder)::
     atlas/<id>_image.nii.gz    int16 (CT: HU) on LPS axes at ``spacing``, cropped to the body
     atlas/<id>_labels.nii.gz   uint8, the model card's class values (1..C_fg), same grid
 
-A case is a few hundred kB. Labels are stored in the card's class values, so an atlas belongs to its model's class
+A case is about 2 MB for an abdomen-to-pelvis CT (s1: 1.7 MB). Labels are stored in the card's class values, so an atlas belongs to its model's class
 set; :func:`read_atlas` checks that. Several cases make a multi-atlas (each registered, then fused).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Atlas:
 
     def card_record(self) -> Dict[str, object]:
         """What the model card records about the atlas (method, spacing, each case's source and licence)."""
-        return {"folder": ATLAS_DIR, "method": "registered atlas (SimpleITK affine, Mattes mutual information)",
+        return {"folder": ATLAS_DIR, "method": "registered atlas (SimpleITK affine, Mattes mutual information; demons for CT)",
                 "spacing": [float(s) for s in self.spacing],
                 "cases": [{k: v for k, v in c.record().items() if k not in ("image", "labels")} for c in self.cases]}
 
