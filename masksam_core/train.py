@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless an organ's fused score exceeds this (default: the paper's background class)")
     p.add_argument("--prompt-fraction", type=float,
                    help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25; 0 with --init-from)")
+    p.add_argument("--prior-fraction", type=float,
+                   help="CPU recipe, class-bound matching: share of the decoder steps whose queries are prompted by "
+                        "a perturbed atlas prior (the training labels shifted, scaled, bent, dropped or misplaced), "
+                        "as prediction prompts them from a registered atlas (default 0)")
     p.add_argument("--point-aux-steps", type=int,
                    help="class-bound matching: the first K prompt-generator steps train the auxiliary masks at "
                         "sampled points, the rest on every pixel; the learning rate restarts at the switch "

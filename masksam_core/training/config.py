@@ -54,6 +54,7 @@ class TrainConfig:
     prompt_fraction: Optional[float] = None  # None: 0.25 for a new model, 0 when fine-tuning (--init-from)
     max_decoded: Optional[int] = None  # None: 6 for a new model, 3 when fine-tuning (--init-from); 0: no cap
     point_aux_steps: int = 0  # class-bound matching: point-sampled auxiliary losses for the first K steps
+    prior_fraction: float = 0.0  # CPU recipe, class-bound: share of decoder steps prompted by a perturbed atlas prior
     aux_bce: str = "mean"  # class-bound matching: dense auxiliary BCE, "mean" or "balanced" (organ vs background)
     background_threshold: Optional[float] = None  # semantic fusion: None = the spec's; t: organ only if score > t
     matching: str = "auto"  # auto: class_bound for the cpu recipe (when N >= C), hungarian otherwise
@@ -115,6 +116,8 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError("--background-threshold must be between 0 and 1")
     if cfg.prompt_fraction is not None and not 0 <= float(cfg.prompt_fraction) < 1:
         raise MaskSAMError("--prompt-fraction must be at least 0 and below 1 (the decoder needs some steps)")
+    if not 0 <= float(cfg.prior_fraction) <= 1:
+        raise MaskSAMError("--prior-fraction must be between 0 and 1")
     if int(cfg.point_aux_steps) < 0:
         raise MaskSAMError("--point-aux-steps must be 0 or more")
     if cfg.prompt_stage_precision not in PROMPT_STAGE_PRECISIONS:

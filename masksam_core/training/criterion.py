@@ -65,6 +65,38 @@ def bce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum()
 
 
+def prior_mask_losses(pred_masks: torch.Tensor, decoded: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = 255) -> Dict[str, torch.Tensor]:
+    """Mask terms of a step whose queries were prompted by an atlas prior (query q answers for class q).
+
+    pred_masks (S, N, h, w) logits; decoded (S, N) bool, the pairs that went through SAM's decoder; labels (S, H, W)
+    int64 class indices, ``ignore_index`` = not labelled. Each decoded pair on a slice with labelled pixels is
+    compared with its class's mask on that slice on every labelled pixel (logits resized to (H, W) if needed): an
+    organ the prior put where the slice holds none is compared with an empty mask. Returns ``loss_mask`` (BCE, mean
+    over the pixels) and ``loss_dice`` (Dice, smoothing 1), each averaged over the pairs; zero (with a gradient path)
+    when nothing was decoded.
+    """
+    s_idx, q_idx = torch.nonzero(decoded, as_tuple=True)
+    lab = labels[s_idx]
+    valid = (lab != ignore_index)
+    has = valid.flatten(1).any(1)
+    s_idx, q_idx, lab, valid = s_idx[has], q_idx[has], lab[has], valid[has]
+    if s_idx.numel() == 0:
+        zero = pred_masks.sum() * 0.0
+        return {"loss_mask": zero, "loss_dice": zero}
+    logits = pred_masks[s_idx, q_idx]
+    if logits.shape[-2:] != lab.shape[-2:]:
+        logits = F.interpolate(logits[:, None], size=lab.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    valid = valid.float()
+    target = (lab == q_idx[:, None, None]).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
+    bce = bce.flatten(1).sum(1) / valid.flatten(1).sum(1)
+    prob = logits.sigmoid() * valid
+    inter = (prob * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    return {"loss_mask": bce.mean(), "loss_dice": dice.mean()}
+
+
 class SetCriterion(nn.Module):
     """Losses of MaskSAM's outputs against per-slice targets. ``num_classes`` C counts background; class logits
     have C + 1 columns, index C = no object."""

@@ -32,7 +32,7 @@ from ..model.masksam import MaskSAM
 from .config import TrainConfig
 from .feature_cache import FeatureCache, canvas, cache_key
 from .loop import IGNORE, Batch
-from .sources import CachedSource, _mask_slices, _val_windows
+from .sources import CachedSource, PriorTraining, _mask_slices, _val_windows
 
 
 def parse_slice_ranges(text: str) -> Dict[str, Set[int]]:
@@ -91,7 +91,9 @@ class TrainingData:
     prep_key: str
 
     def make_source(self, model: MaskSAM, cached: bool, device: torch.device, batch_size: int, seed: int,
-                    progress: bool = True):
+                    progress: bool = True, prior: Optional[PriorTraining] = None):
+        """The loop's batch source: cached features (CPU recipe; ``prior``: perturbed atlas priors for a share of
+        the decoder steps) or full volumes."""
         pad = pad_value_for(self.norm)
         s = model.input_size
         if not cached:
@@ -130,7 +132,8 @@ class TrainingData:
                   f"{runtime}) into the feature cache {cache.folder}", file=sys.stderr, flush=True)
         cached_volumes = cache.build(model, volumes, amp, device, reporter, make_encoder=lambda: make_encoder_runner(
             model, runtime, torch.get_num_threads(), amp is not None, device)[0])
-        source = CachedSource(cached_volumes, model.slab_depth, pad, batch_size, self.train_z, self.val_z)
+        source = CachedSource(cached_volumes, model.slab_depth, pad, batch_size, self.train_z, self.val_z,
+                              prior=prior)
         source.has_validation = bool(source.val_volumes)
         source.feature_precision = precision_name(amp)
         return source

@@ -11,6 +11,12 @@ at importance-sampled points as for Hungarian matching: measured on s1, the poin
 organs' channels sooner and the dense ones the vessels and the empty slices, so a run can start with one and
 continue with the other (the prompt stage's learning-rate schedule restarts at the switch).
 
+A decoder-stage batch may carry a perturbed atlas prior (``Batch.prior``, ``training.prior_perturb``): SAM's decoder
+is then prompted as inference prompts it when an atlas is registered (the prior's boxes and masks, query c for
+class c; at most ``max_decoded`` of the prior's organs per slab), the prompt generator runs without gradients, and
+the loss is the decoded masks' BCE and Dice against the true labels on every labelled pixel
+(``criterion.prior_mask_losses``): the organ that is there, or nothing where the prior put an organ that is not.
+
 Everything that decides the run's future (weights, optimizer, step, sampler and augmentation RNG states) is
 checkpointed atomically at each epoch end, so ``--resume`` after a kill continues exactly.
 """
@@ -24,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from ..model.masksam import MaskSAM, semantic_probabilities
-from .criterion import SetCriterion
+from .criterion import SetCriterion, prior_mask_losses
 from .matcher import make_matcher
+from .prior_perturb import cap_prior
 from .targets import slice_targets
 
 IGNORE = 255
@@ -34,11 +41,13 @@ IGNORE = 255
 @dataclass
 class Batch:
     """slab (G, 1, D, S, S) normalised; label (G, D, S, S) int64 with 255 = ignore; features: cached encoder
-    outputs [(G·D, C_k, h_k, w_k)] or None."""
+    outputs [(G·D, C_k, h_k, w_k)] or None; prior: prompts of a (perturbed) atlas prior as
+    ``MaskSAM.forward_features(prior=...)`` takes them, or None."""
 
     slab: torch.Tensor
     label: torch.Tensor
     features: Optional[List[torch.Tensor]] = None
+    prior: Optional[Dict[str, object]] = None
 
 
 class BatchSource(Protocol):
@@ -161,16 +170,35 @@ class Trainer:
 
         return choose
 
-    def _forward(self, batch: Batch, decode, prompt_only: bool = False) -> Dict[str, torch.Tensor]:
-        """The network on one batch, under the prompt-generator stage's autocast when ``prompt_only``."""
+    def _forward(self, batch: Batch, decode, prompt_only: bool = False,
+                 prior: Optional[Dict[str, object]] = None) -> Dict[str, torch.Tensor]:
+        """The network on one batch, under the prompt-generator stage's autocast when ``prompt_only``; with
+        ``prior`` (cached features only) the decoder is prompted by it and the prompt generator runs without
+        gradients (its tokens still feed the decoder)."""
         slab = batch.slab.to(self.device, non_blocking=True)
         amp = self.prompt_amp if prompt_only else self.amp
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             if batch.features is not None:
                 stem_out = self.model.apply_stem(slab)
                 feats = [f.to(self.device, non_blocking=True) for f in batch.features]
-                return self.model.forward_features(feats, stem_out, decode=decode)
+                if prior is None:
+                    return self.model.forward_features(feats, stem_out, decode=decode)
+                prior = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in prior.items()}
+                return self.model.forward_features(feats, stem_out, prior=prior,
+                                                   prompt_generator=self._frozen_prompt_generator)
+            if prior is not None:
+                raise ValueError("prior-prompted steps need cached encoder features (the CPU recipe)")
             return self.net(slab, decode=decode)
+
+    def _frozen_prompt_generator(self, features: List[torch.Tensor], stem_out: torch.Tensor):
+        with torch.no_grad():
+            return self.model.prompt_generator(features, stem_out)
+
+    def _prior_step_losses(self, batch: Batch, labels: torch.Tensor, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Loss terms of a prior-prompted step (see the module docstring)."""
+        prior = cap_prior(batch.prior, self.cfg.max_decoded, gen)
+        outputs = self._forward(batch, None, prior=prior)
+        return prior_mask_losses(outputs["pred_masks"].float(), outputs["decoded"], labels, IGNORE)
 
     def train_step(self, batch: Batch, gen: torch.Generator,
                    after_backward: Optional[Callable[[], None]] = None) -> Dict[str, float]:
@@ -188,12 +216,15 @@ class Trainer:
         lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self._forward(batch, decode, prompt_only)
-        outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
-        outputs, targets = _drop_ignored(outputs, targets, keep)
-        if prompt_only:
-            outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
-        losses = self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
+        if batch.prior is not None and not prompt_only:
+            losses = self._prior_step_losses(batch, labels, gen)
+        else:
+            outputs = self._forward(batch, decode, prompt_only)
+            outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
+            outputs, targets = _drop_ignored(outputs, targets, keep)
+            if prompt_only:
+                outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
+            losses = self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
         total = self.criterion.weighted_total(losses)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -225,7 +256,8 @@ class Trainer:
             size = tuple(batch.slab.shape[-2:])
             with torch.inference_mode():
                 out = self._forward(batch, decode="nonempty" if decode else
-                                    torch.zeros(g, n_q, dtype=torch.bool, device=self.device))
+                                    torch.zeros(g, n_q, dtype=torch.bool, device=self.device),
+                                    prior=batch.prior if decode else None)
                 lab = batch.label.reshape(-1, *size).cpu().numpy()
                 if decode:
                     sem = semantic_probabilities(out, size=size, background_threshold=self.cfg.background_threshold)

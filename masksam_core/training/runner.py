@@ -29,7 +29,8 @@ import torch.distributed as dist
 from ..data.volume_io import atomic_output
 from ..errors import MaskSAMError, OutputError
 from ..inference.allocator import tune_allocator
-from ..inference.engine import autocast_dtype, cpu_supports_bf16, physical_cores, precision_name, resolve_device
+from ..inference.engine import (InferenceOptions, autocast_dtype, cpu_supports_bf16, physical_cores, precision_name,
+                                resolve_device)
 from ..model.backbones import load_backbone
 from ..atlas.store import ATLAS_DIR
 from ..model.card import CARD_FILE, ModelCard, make_card
@@ -40,6 +41,7 @@ from ..model.recipes import architecture_for_recipe
 from .config import SAVED_CONFIG, TrainConfig
 from .loop import LoopConfig, Trainer
 from .progress_log import Progress, TrainingLog, plot_curves
+from .sources import PriorTraining
 from .state import load_state, restore_rng, rng_state, save_state
 
 STATE_DIR = "state"
@@ -164,6 +166,24 @@ def prompt_steps_for(cfg: TrainConfig, max_steps: int, cached: bool) -> int:
     return int(fraction * max_steps)
 
 
+def prior_training_for(cfg: TrainConfig, loop_cfg: LoopConfig, cached: bool, model: MaskSAM,
+                       spacing) -> Optional[PriorTraining]:
+    """``--prior-fraction``: the decoder steps' perturbed atlas priors, laid out as the engine lays out a registered
+    prior (its box margin at the model's spacing). Prior prompts address query c as class c, so they need the CPU
+    recipe's cached features and class-bound matching with a query per class."""
+    fraction = float(cfg.prior_fraction)
+    if fraction <= 0:
+        return None
+    if not cached or loop_cfg.matching != "class_bound":
+        raise MaskSAMError("--prior-fraction needs the CPU recipe (cached encoder features) and class-bound "
+                           f"matching; this run has recipe {'cpu' if cached else 'gpu'}, matching {loop_cfg.matching}")
+    if loop_cfg.prompt_steps >= loop_cfg.max_steps:
+        raise MaskSAMError("--prior-fraction applies to decoder steps, and this run has none")
+    pad_px = InferenceOptions().prior_box_pad_mm / float(spacing[0])
+    return PriorTraining(fraction=fraction, num_queries=model.config.num_queries, pad_px=pad_px,
+                         spacing=[float(v) for v in spacing])
+
+
 def check_aux_options(loop_cfg: LoopConfig) -> None:
     """A point-sampled start is a part of the prompt-generator stage of a class-bound run, and a balanced BCE
     weighs class-bound dense auxiliary losses (Hungarian matching samples points throughout)."""
@@ -284,8 +304,9 @@ def run_training(cfg: TrainConfig) -> Dict:
                           background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps),
                           aux_bce=cfg.aux_bce)
     check_aux_options(loop_cfg)
+    prior = prior_training_for(cfg, loop_cfg, cached, model, spacing)
     source = data.make_source(model, cached=cached, device=device, batch_size=cfg.batch_size, seed=cfg.seed,
-                              progress=main_proc)
+                              progress=main_proc, prior=prior)
     if world > 1 and main_proc:
         dist.barrier()
 
@@ -297,6 +318,7 @@ def run_training(cfg: TrainConfig) -> Dict:
         "cached_encoder_features": cached,
         "seed": cfg.seed, "max_steps": max_steps, "prompt_steps": loop_cfg.prompt_steps,
         "point_aux_steps": loop_cfg.point_aux_steps, "aux_bce": loop_cfg.aux_bce,
+        "prior_fraction": float(cfg.prior_fraction),
         "precision": precision_name(amp), "prompt_stage_precision": precision_name(prompt_amp if cached else amp),
         "feature_precision": getattr(source, "feature_precision", None),
         "command": command_line(), "hardware": hardware(), "processes": world,
