@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MaskSAMSegment"))
 sys.path.insert(0, str(ROOT / "MaskSAMTrainer"))
 from MaskSAMSegmentLib import mrml_io  # noqa: E402
-from MaskSAMTrainerLib import scene_dataset  # noqa: E402
+from MaskSAMTrainerLib import scene_dataset, train_process  # noqa: E402
 
 from masksam_core.labels import class_entries  # noqa: E402
 
@@ -90,5 +90,5 @@ def test_scene_to_dataset_with_exact_geometry(tmp_path):
     assert scene_dataset.absent_class_notes(report, CLASSES) == []
     notes = scene_dataset.absent_class_notes(report, CLASSES + ["aorta", "stomach"])
     assert len(notes) == 1 and notes[0].startswith("case000 (CT): no segment for aorta, stomach;")
-    cmd = scene_dataset.train_command("py", str(tmp_path / "ds"), str(tmp_path / "m"), "/base", 50, "cpu", CLASSES)
+    cmd = train_process.train_command("py", str(tmp_path / "ds"), str(tmp_path / "m"), "/base", 50, "cpu", CLASSES)
     assert "--init-from" in cmd and cmd[cmd.index("--classes") + 1] == "liver,spleen,kidney_left"
