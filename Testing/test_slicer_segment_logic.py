@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MaskSAMSegment"))
 from MaskSAMSegmentLib import mrml_io  # noqa: E402
+from slicer_stubs import import_module_without_qt  # noqa: E402
 
 from masksam_core.labels import class_entries  # noqa: E402
 
@@ -136,3 +138,35 @@ def test_the_engines_warnings_reach_the_module(tmp_path):
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     assert mrml_io.dicom_modality(node) is None  # not loaded from DICOM: the engine tells by the intensities
+
+
+def test_the_in_slicer_self_test_runs_the_stub_engine_in_seconds(monkeypatch):
+    """MaskSAMSegmentTest (what Slicer's self-test button runs): start, progress, result in the scene and cancel
+    with the stub engine; the full inference only with MASKSAM_SELFTEST_FULL=1."""
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.delenv("MASKSAM_SELFTEST_FULL", raising=False)
+    ran = []
+    monkeypatch.setattr(mod.MaskSAMSegmentTest, "test_segment_sample", lambda self: ran.append("full"))
+    t = time.monotonic()
+    mod.MaskSAMSegmentTest("runTest").runTest()
+    assert time.monotonic() - t < 60 and ran == []
+    monkeypatch.setenv("MASKSAM_SELFTEST_FULL", "1")
+    mod.MaskSAMSegmentTest("runTest").runTest()
+    assert ran == ["full"]
+
+
+def test_logic_passes_the_chosen_organs_to_predict(monkeypatch, tmp_path):
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    started = []
+
+    class FakeRun:
+        def __init__(self, builder, **kwargs):
+            started.append(builder(tmp_path))
+
+    monkeypatch.setattr(mod.engine_process, "EngineRun", FakeRun)
+    scene = slicer.vtkMRMLScene()
+    node = _volume_node(scene, np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    mod.MaskSAMSegmentLogic().start(node, "/m", organs=["liver", "spleen"])
+    cmd = started[0]
+    assert cmd[cmd.index("--organs") + 1] == "liver,spleen" and (tmp_path / "input.nrrd").exists()
