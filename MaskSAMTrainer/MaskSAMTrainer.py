@@ -37,6 +37,7 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.cases = []
         self.run = None
+        self._updatingGUI = False
         self.timer = qt.QTimer()
         self.timer.setInterval(500)
         self.timer.connect("timeout()", self.onPoll)
@@ -56,6 +57,55 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.stopButton.enabled = False
+        for widget, signal in ((self.ui.baseModelComboBox, "currentIndexChanged(int)"),
+                               (self.ui.stepsSpinBox, "valueChanged(int)"),
+                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.outputPathLineEdit, "currentPathChanged(QString)"),
+                               (self.ui.holdOutCheckBox, "toggled(bool)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.updateGUIFromParameterNode()
+
+    # --- parameter node: the user's choices, saved with the scene -------------------------------------------------
+    def updateGUIFromParameterNode(self, *_):
+        node = self.logic.getParameterNode()
+        self._updatingGUI = True
+        try:
+            index = self.ui.baseModelComboBox.findData(node.GetParameter("BaseModel"))
+            if index >= 0:
+                self.ui.baseModelComboBox.setCurrentIndex(index)
+            if node.GetParameter("Steps"):
+                self.ui.stepsSpinBox.value = int(node.GetParameter("Steps"))
+            device = self.ui.deviceComboBox.findText(node.GetParameter("Device"))
+            if device >= 0:
+                self.ui.deviceComboBox.setCurrentIndex(device)
+            if node.GetParameter("OutputFolder"):
+                self.ui.outputPathLineEdit.currentPath = node.GetParameter("OutputFolder")
+            if node.GetParameter("HoldOut"):
+                self.ui.holdOutCheckBox.checked = node.GetParameter("HoldOut") == "true"
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *_):
+        if self._updatingGUI:
+            return
+        node = self.logic.getParameterNode()
+        wasModified = node.StartModify()
+        node.SetParameter("BaseModel", self.ui.baseModelComboBox.currentData or "")
+        node.SetParameter("Steps", str(self.ui.stepsSpinBox.value))
+        node.SetParameter("Device", self.ui.deviceComboBox.currentText)
+        node.SetParameter("OutputFolder", self.ui.outputPathLineEdit.currentPath or "")
+        node.SetParameter("HoldOut", "true" if self.ui.holdOutCheckBox.checked else "false")
+        node.EndModify(wasModified)
+
+    def onSceneEndClose(self, caller, event):
+        self.cases = []
+        self.ui.casesListWidget.clear()
+        if self.parent.isEntered:
+            self.updateGUIFromParameterNode()
+
+    def enter(self):
+        self.updateGUIFromParameterNode()
 
     def onAddCase(self):
         volume = self.ui.volumeSelector.currentNode()

@@ -295,3 +295,28 @@ def test_trainer_stop_offers_the_partial_model(monkeypatch, tmp_path):
         time.sleep(0.05)
     assert asked and "stopped at step 5 of 40" in asked[0] and registered == [str(out)] and errors == []
     assert widget.ui.trainButton.enabled and not widget.ui.stopButton.enabled
+
+
+def test_trainer_choices_are_kept_in_the_parameter_node(monkeypatch, tmp_path):
+    mod = import_module_without_qt(monkeypatch, "MaskSAMTrainer")
+    monkeypatch.setattr(mod, "qt", _fake_qt())
+    scene = slicer.vtkMRMLScene()
+    parameters = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    widget = mod.MaskSAMTrainerWidget.__new__(mod.MaskSAMTrainerWidget)
+    mod.MaskSAMTrainerWidget.__init__(widget)
+    widget.logic = types.SimpleNamespace(getParameterNode=lambda: parameters)
+    widget.ui = types.SimpleNamespace(
+        baseModelComboBox=ComboBox([("a", "/a"), ("b", "/b")]), stepsSpinBox=Widget(value=40),
+        deviceComboBox=ComboBox([("auto", "auto"), ("cpu", "cpu")]), outputPathLineEdit=Widget(currentPath="/out"),
+        holdOutCheckBox=Widget(checked=True))
+    widget.ui.baseModelComboBox.setCurrentIndex(1)
+    widget.ui.deviceComboBox.setCurrentIndex(1)
+    widget.updateParameterNodeFromGUI()
+    assert parameters.GetParameter("BaseModel") == "/b" and parameters.GetParameter("Steps") == "40"
+    # a scene loaded later brings them back
+    widget.ui.baseModelComboBox.setCurrentIndex(0)
+    widget.ui.stepsSpinBox.value, widget.ui.holdOutCheckBox.checked = 10, False
+    widget.updateGUIFromParameterNode()
+    assert widget.ui.baseModelComboBox.currentData == "/b" and widget.ui.stepsSpinBox.value == 40
+    assert widget.ui.deviceComboBox.currentText == "cpu" and widget.ui.holdOutCheckBox.checked
+    assert widget.ui.outputPathLineEdit.currentPath == "/out"
