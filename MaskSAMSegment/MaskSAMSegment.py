@@ -67,10 +67,10 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.allOrgansCheckBox.connect("clicked(bool)", self.onAllOrgans)
         self.ui.organsListWidget.connect("itemChanged(QListWidgetItem*)", self.onOrganChanged)
         for widget, signal in ((self.ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)"),
-                             (self.ui.outputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
-                             (self.ui.deviceComboBox, "currentIndexChanged(int)"),
-                             (self.ui.fastCheckBox, "toggled(bool)"),
-                             (self.ui.samCheckpointPathLineEdit, "currentPathChanged(QString)")):
+                               (self.ui.outputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.fastCheckBox, "toggled(bool)"),
+                               (self.ui.samCheckpointPathLineEdit, "currentPathChanged(QString)")):
             widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
@@ -163,8 +163,8 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._updatingGUI:
             return
         self.parameterNode().SetParameter("UncheckedOrgans", "")  # a new model: all its organs
-        self.updateParameterNodeFromGUI()
         self.fillOrgans()
+        self.updateParameterNodeFromGUI()
 
     def fillOrgans(self):
         """The chosen model's organs as a checklist; the ones unchecked in the parameter node stay unchecked."""

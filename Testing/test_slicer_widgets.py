@@ -236,6 +236,13 @@ def test_segment_with_an_organ_subset_and_the_parameter_node(segment_widget):
     parameters.SetParameter("Fast", "true")
     widget.updateGUIFromParameterNode()
     assert [i.state for i in widget.ui.organsListWidget.items] == [2, 2, 0] and widget.ui.fastCheckBox.checked
+    # another model: all of its organs checked, whatever was unchecked for the first one
+    second = _model(Path(widget.ui.modelComboBox.currentData).parent / "second")
+    widget.ui.modelComboBox.addItem("second", second)
+    widget.ui.modelComboBox.setCurrentIndex(1)
+    widget.onModelChanged()
+    assert [i.state for i in widget.ui.organsListWidget.items] == [2, 2, 2]
+    assert parameters.GetParameter("Model") == second and parameters.GetParameter("UncheckedOrgans") == ""
     widget.onAllOrgans(False)
     widget.onSegment()  # nothing checked: refused with a message, no engine
     assert widget.run is None and len(widget.started) == 1
