@@ -14,7 +14,7 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MaskSAMSegmentLib import dicom_seg, engine_process, models, mrml_io  # noqa: E402
+from MaskSAMSegmentLib import dependencies, dicom_seg, engine_process, models, mrml_io  # noqa: E402
 
 
 class MaskSAMSegment(ScriptedLoadableModule):
@@ -34,13 +34,18 @@ class MaskSAMSegment(ScriptedLoadableModule):
 
 
 class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Gathers the choices and shows progress; the work runs in a separate process."""
+    """Gathers the choices (kept in the module's parameter node, saved with the scene) and shows progress; the work
+    runs in a separate process that a Qt timer polls without blocking."""
+
+    CANCEL_GRACE_S = 5.0  # predict unwinds on SIGTERM in well under a second; then the tree is killed
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.run = None
+        self.pending = None
+        self._updatingGUI = False
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
@@ -58,18 +63,158 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.editButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.allOrgansCheckBox.connect("clicked(bool)", self.onAllOrgans)
+        self.ui.organsListWidget.connect("itemChanged(QListWidgetItem*)", self.onOrganChanged)
+        for widget, signal in ((self.ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (self.ui.outputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.fastCheckBox, "toggled(bool)"),
+                               (self.ui.samCheckpointPathLineEdit, "currentPathChanged(QString)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
+        self.initializeParameterNode()
+
+    # --- parameter node: the user's choices, saved with the scene -------------------------------------------------
+    def parameterNode(self):
+        return self.logic.getParameterNode()
+
+    def initializeParameterNode(self):
+        """Defaults for a scene whose parameter node is new: the first volume, the first model."""
+        node = self.parameterNode()
+        if not node.GetNodeReference("InputVolume"):
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                node.SetNodeReferenceID("InputVolume", first.GetID())
+        if not node.GetParameter("Model") and self.ui.modelComboBox.count:
+            node.SetParameter("Model", self.ui.modelComboBox.itemData(0))
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, *_):
+        node = self.parameterNode()
+        self._updatingGUI = True
+        try:
+            self.ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
+            self.ui.outputSegmentationSelector.setCurrentNode(node.GetNodeReference("OutputSegmentation"))
+            index = self.ui.modelComboBox.findData(node.GetParameter("Model"))
+            if index >= 0:
+                self.ui.modelComboBox.setCurrentIndex(index)
+            device = self.ui.deviceComboBox.findText(node.GetParameter("Device") or "auto")
+            self.ui.deviceComboBox.setCurrentIndex(max(device, 0))
+            self.ui.fastCheckBox.checked = node.GetParameter("Fast") == "true"
+            self.ui.samCheckpointPathLineEdit.currentPath = node.GetParameter("SamCheckpoint")
+        finally:
+            self._updatingGUI = False
+        self.fillOrgans()
         self.updateButtons()
 
+    def updateParameterNodeFromGUI(self, *_):
+        if self._updatingGUI or self.logic is None:
+            return
+        node = self.parameterNode()
+        wasModified = node.StartModify()
+        volume = self.ui.inputVolumeSelector.currentNode()
+        output = self.ui.outputSegmentationSelector.currentNode()
+        node.SetNodeReferenceID("InputVolume", volume.GetID() if volume else None)
+        node.SetNodeReferenceID("OutputSegmentation", output.GetID() if output else None)
+        node.SetParameter("Model", self.ui.modelComboBox.currentData or "")
+        node.SetParameter("Device", self.ui.deviceComboBox.currentText)
+        node.SetParameter("Fast", "true" if self.ui.fastCheckBox.checked else "false")
+        node.SetParameter("SamCheckpoint", self.ui.samCheckpointPathLineEdit.currentPath or "")
+        node.SetParameter("UncheckedOrgans", ",".join(self.uncheckedOrgans()))
+        node.EndModify(wasModified)
+        self.updateButtons()
+
+    def onSceneStartClose(self, caller, event):
+        self.onCancel()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        """The module or Slicer is closing: stop a running engine (it must not outlive the module)."""
+        self.timer.stop()
+        if self.run is not None:
+            run, self.run = self.run, None
+            run.cancel(grace_s=2.0)
+        self.removeObservers()
+
+    # --- models and organs ------------------------------------------------------------------------------------------
     def refreshModels(self):
-        self.ui.modelComboBox.clear()
-        for entry in self.logic.registry.models():
-            self.ui.modelComboBox.addItem(entry["label"], entry["path"])
+        self._updatingGUI = True
+        try:
+            self.ui.modelComboBox.clear()
+            for entry in self.logic.registry.models():
+                self.ui.modelComboBox.addItem(entry["label"], entry["path"])
+        finally:
+            self._updatingGUI = False
         if self.ui.modelComboBox.count == 0:
             self.ui.statusLabel.text = "No model yet: add a model folder (train one with MaskSAMTrainer)."
+
+    def onModelChanged(self, *_):
+        if self._updatingGUI:
+            return
+        self.parameterNode().SetParameter("UncheckedOrgans", "")  # a new model: all its organs
+        self.fillOrgans()
+        self.updateParameterNodeFromGUI()
+
+    def fillOrgans(self):
+        """The chosen model's organs as a checklist; the ones unchecked in the parameter node stay unchecked."""
+        unchecked = set(filter(None, (self.parameterNode().GetParameter("UncheckedOrgans") or "").split(",")))
+        widget = self.ui.organsListWidget
+        widget.blockSignals(True)
+        try:
+            widget.clear()
+            for name, display in models.model_organs(self.ui.modelComboBox.currentData or ""):
+                item = qt.QListWidgetItem(display)
+                item.setData(qt.Qt.UserRole, name)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Unchecked if name in unchecked else qt.Qt.Checked)
+                widget.addItem(item)
+        finally:
+            widget.blockSignals(False)
+        self.updateAllOrgansCheckBox()
+
+    def organItems(self):
+        widget = self.ui.organsListWidget
+        return [widget.item(i) for i in range(widget.count)]
+
+    def allOrgans(self):
+        return [item.data(qt.Qt.UserRole) for item in self.organItems()]
+
+    def checkedOrgans(self):
+        return [item.data(qt.Qt.UserRole) for item in self.organItems() if item.checkState() == qt.Qt.Checked]
+
+    def uncheckedOrgans(self):
+        return [item.data(qt.Qt.UserRole) for item in self.organItems() if item.checkState() != qt.Qt.Checked]
+
+    def onAllOrgans(self, checked):
+        widget = self.ui.organsListWidget
+        widget.blockSignals(True)
+        try:
+            for item in self.organItems():
+                item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
+        finally:
+            widget.blockSignals(False)
+        self.updateParameterNodeFromGUI()
+
+    def onOrganChanged(self, *_):
+        self.updateAllOrgansCheckBox()
+        self.updateParameterNodeFromGUI()
+
+    def updateAllOrgansCheckBox(self):
+        items = self.organItems()
+        self.ui.allOrgansCheckBox.blockSignals(True)
+        self.ui.allOrgansCheckBox.checked = bool(items) and all(i.checkState() == qt.Qt.Checked for i in items)
+        self.ui.allOrgansCheckBox.blockSignals(False)
 
     def updateButtons(self, *_):
         ready = self.ui.inputVolumeSelector.currentNode() is not None and self.ui.modelComboBox.count > 0
@@ -85,24 +230,35 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc))
             return
         self.refreshModels()
+        index = self.ui.modelComboBox.findData(folder)
+        if index >= 0:
+            self.ui.modelComboBox.setCurrentIndex(index)
         self.updateButtons()
 
+    # --- running ------------------------------------------------------------------------------------------------
     def onSegment(self):
-        missing = models.missing_packages()
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                    "MaskSAM needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
-                return
-            self.logic.installDependencies(missing)
+        if not dependencies.ensure_in_slicer("MaskSAM Segment"):
+            self.ui.statusLabel.text = "Not started: required Python packages are missing."
+            return
+        try:
+            organs = models.organs_argument(self.allOrgans(), self.checkedOrgans()) if self.allOrgans() else None
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
         volume = self.ui.inputVolumeSelector.currentNode()
         output = self.ui.outputSegmentationSelector.currentNode()
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
             if not slicer.util.confirmYesNoDisplay(f"Replace the segments of '{output.GetName()}'?"):
                 return
         model_dir = self.ui.modelComboBox.currentData
-        self.run = self.logic.start(volume, model_dir, device=self.ui.deviceComboBox.currentText,
-                                    fast=self.ui.fastCheckBox.checked,
-                                    sam_checkpoint=self.ui.samCheckpointPathLineEdit.currentPath or None)
+        try:
+            self.run = self.logic.start(volume, model_dir, device=self.ui.deviceComboBox.currentText,
+                                        fast=self.ui.fastCheckBox.checked,
+                                        sam_checkpoint=self.ui.samCheckpointPathLineEdit.currentPath or None,
+                                        organs=organs)
+        except Exception as exc:  # the volume could not be exported, the engine could not start
+            slicer.util.errorDisplay(f"MaskSAM could not start: {exc}")
+            return
         self.pending = (volume, output)
         self.ui.segmentButton.enabled = False
         self.ui.cancelButton.enabled = True
@@ -111,25 +267,27 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self):
         if self.run is None:
+            self.timer.stop()
             return
-        code = self.run.process.poll()
-        while True:  # drain what is available without blocking the UI for long
-            if code is not None or not self.logic.hasOutput(self.run):
-                break
-            self.run.poll_lines()
-        if self.run.progress:
-            self.ui.progressBar.setValue(int(100 * self.run.progress["fraction"]))
-            self.ui.statusLabel.text = f"{self.run.progress['stage']} {self.run.progress['done']}/{self.run.progress['total']}"
+        code = self.run.poll()
+        progress = self.run.progress
+        if progress and not self.run.cancelled:
+            self.ui.progressBar.setValue(int(100 * progress["fraction"]))
+            self.ui.statusLabel.text = f"{progress['stage']} {progress.get('done')}/{progress.get('total')}"
         if code is None:
             return
         self.timer.stop()
         run, self.run = self.run, None
-        run.wait()
         self.ui.cancelButton.enabled = False
         volume, output = self.pending
         try:
+            if run.cancelled:
+                self.ui.progressBar.setValue(0)
+                self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
+                return
             if code != 0:
-                slicer.util.errorDisplay("MaskSAM failed.", detailedText=run.log_text())
+                self.ui.statusLabel.text = "MaskSAM failed."
+                slicer.util.errorDisplay("MaskSAM failed.", detailedText=run.log_text()[-20000:])
                 return
             node = self.logic.finish(run, volume, output)
             self.ui.outputSegmentationSelector.setCurrentNode(node)
@@ -143,14 +301,11 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def onCancel(self):
-        if self.run is not None:
-            self.timer.stop()
-            self.run.cancel()
-            self.run = None
+        """Ask the engine to stop; the timer keeps polling, kills the tree after the grace period and reports."""
+        if self.run is not None and not self.run.cancelled:
+            self.run.request_stop(self.CANCEL_GRACE_S)
             self.ui.cancelButton.enabled = False
-            self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
-            self.updateButtons()
+            self.ui.statusLabel.text = "Cancelling..."
 
     def showTable(self, rows):
         table = self.ui.resultsTable
@@ -208,33 +363,18 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         self.lastTable = []
         self.lastWarnings = []
 
-    @staticmethod
-    def installDependencies(missing):
-        torch_like = [p for p in missing if p in ("torch", "torchvision")]
-        if torch_like:
-            try:
-                import PyTorchUtils
-
-                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-            except ImportError:
-                slicer.util.pip_install(" ".join(torch_like))
-        rest = [p for p in missing if p not in torch_like]
-        if rest:
-            slicer.util.pip_install(" ".join(rest))
-
-    @staticmethod
-    def hasOutput(run):
-        import select
-
-        return bool(select.select([run.process.stdout], [], [], 0)[0])
-
-    def start(self, volume_node, model, device="auto", fast=False, sam_checkpoint=None):
-        """Export the volume and start the engine process; returns the running :class:`EngineRun`."""
+    def start(self, volume_node, model, device="auto", fast=False, sam_checkpoint=None, organs=None, engine=None):
+        """Export the volume and start the engine process; returns the running :class:`EngineRun`. ``organs``:
+        class names to segment (None: all); ``engine(python, input, output)``: another command with predict's
+        protocol (the self-test's stub), default predict."""
         def build(workdir):
             src = mrml_io.write_volume_node(volume_node, str(workdir / "input.nrrd"))
-            return engine_process.predict_command(engine_process.slicer_python(), src, str(workdir / "labels.nrrd"),
-                                                  model, device, fast, sam_checkpoint,
-                                                  modality=mrml_io.dicom_modality(volume_node))
+            out = str(workdir / "labels.nrrd")
+            if engine is not None:
+                return engine(engine_process.slicer_python(), src, out)
+            return engine_process.predict_command(engine_process.slicer_python(), src, out, model, device, fast,
+                                                  sam_checkpoint, modality=mrml_io.dicom_modality(volume_node),
+                                                  organs=organs)
         return engine_process.EngineRun(build)
 
     def finish(self, run, volume_node, output_segmentation=None):
@@ -249,10 +389,11 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return node
 
     def segment(self, volume_node, model=None, device="auto", fast=False, outputSegmentation=None,
-                sam_checkpoint=None):
-        """Blocking: segment ``volume_node`` and return the segmentation node."""
+                sam_checkpoint=None, organs=None, engine=None):
+        """Blocking: segment ``volume_node`` and return the segmentation node (``organs``: class names, None for
+        all)."""
         model = model or (self.registry.models()[0]["path"] if self.registry.models() else None)
-        run = self.start(volume_node, model, device, fast, sam_checkpoint)
+        run = self.start(volume_node, model, device, fast, sam_checkpoint, organs, engine)
         try:
             if run.wait() != 0:
                 raise RuntimeError("MaskSAM failed:\n" + run.log_text())
@@ -273,14 +414,51 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class MaskSAMSegmentTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: segments a sample volume with the first available model."""
+    """Runs inside Slicer in seconds with a stub engine (start, progress, result in the scene, cancel); the full
+    inference on the sample CT only when MASKSAM_SELFTEST_FULL=1 (it takes minutes on a CPU)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_segment_sample()
+        self.test_stub_engine_result_in_scene()
+        self.setUp()
+        self.test_cancel_stops_the_engine()
+        if os.environ.get("MASKSAM_SELFTEST_FULL") == "1":
+            self.setUp()
+            self.test_segment_sample()
+
+    @staticmethod
+    def _small_volume():
+        import numpy as np
+
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MaskSAM self-test")
+        slicer.util.updateVolumeFromArray(volume, np.zeros((8, 16, 16), np.int16))
+        volume.SetSpacing(1.5, 1.5, 3.0)
+        return volume
+
+    def test_stub_engine_result_in_scene(self):
+        volume = self._small_volume()
+        seg = MaskSAMSegmentLogic().segment(volume, engine=engine_process.stub_command)
+        segmentation = seg.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 1)
+        self.assertEqual(segmentation.GetNthSegment(0).GetName(), "Liver")
+        self.delayDisplay("Stub engine: result in the scene")
+
+    def test_cancel_stops_the_engine(self):
+        import time
+
+        volume = self._small_volume()
+        run = MaskSAMSegmentLogic().start(volume, None, engine=lambda py, i, o: engine_process.stub_command(
+            py, i, o, hang_s=60))
+        deadline = time.monotonic() + 30
+        while run.poll() is None and run.progress is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run.cancel(grace_s=5)
+        self.assertIsNotNone(run.process.poll())
+        self.assertFalse(run.workdir.exists())
+        self.delayDisplay("Cancel stopped the engine and removed its files")
 
     def test_segment_sample(self):
         import SampleData

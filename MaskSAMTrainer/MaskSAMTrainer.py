@@ -1,7 +1,6 @@
 """MaskSAMTrainer: fine-tune MaskSAM on corrected segmentations from the scene (segment, correct, fine-tune)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "MaskSAMSegment"))
 
-from MaskSAMSegmentLib import engine_process, models  # noqa: E402
-from MaskSAMTrainerLib import progress_rows, scene_dataset, training_plot  # noqa: E402
+from MaskSAMSegmentLib import dependencies, engine_process, models  # noqa: E402
+from MaskSAMTrainerLib import progress_rows, scene_dataset, train_process, training_plot  # noqa: E402
 
 
 class MaskSAMTrainer(ScriptedLoadableModule):
@@ -38,6 +37,7 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.cases = []
         self.run = None
+        self._updatingGUI = False
         self.timer = qt.QTimer()
         self.timer.setInterval(500)
         self.timer.connect("timeout()", self.onPoll)
@@ -57,6 +57,55 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.stopButton.enabled = False
+        for widget, signal in ((self.ui.baseModelComboBox, "currentIndexChanged(int)"),
+                               (self.ui.stepsSpinBox, "valueChanged(int)"),
+                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.outputPathLineEdit, "currentPathChanged(QString)"),
+                               (self.ui.holdOutCheckBox, "toggled(bool)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.updateGUIFromParameterNode()
+
+    # --- parameter node: the user's choices, saved with the scene -------------------------------------------------
+    def updateGUIFromParameterNode(self, *_):
+        node = self.logic.getParameterNode()
+        self._updatingGUI = True
+        try:
+            index = self.ui.baseModelComboBox.findData(node.GetParameter("BaseModel"))
+            if index >= 0:
+                self.ui.baseModelComboBox.setCurrentIndex(index)
+            if node.GetParameter("Steps"):
+                self.ui.stepsSpinBox.value = int(node.GetParameter("Steps"))
+            device = self.ui.deviceComboBox.findText(node.GetParameter("Device"))
+            if device >= 0:
+                self.ui.deviceComboBox.setCurrentIndex(device)
+            if node.GetParameter("OutputFolder"):
+                self.ui.outputPathLineEdit.currentPath = node.GetParameter("OutputFolder")
+            if node.GetParameter("HoldOut"):
+                self.ui.holdOutCheckBox.checked = node.GetParameter("HoldOut") == "true"
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *_):
+        if self._updatingGUI:
+            return
+        node = self.logic.getParameterNode()
+        wasModified = node.StartModify()
+        node.SetParameter("BaseModel", self.ui.baseModelComboBox.currentData or "")
+        node.SetParameter("Steps", str(self.ui.stepsSpinBox.value))
+        node.SetParameter("Device", self.ui.deviceComboBox.currentText)
+        node.SetParameter("OutputFolder", self.ui.outputPathLineEdit.currentPath or "")
+        node.SetParameter("HoldOut", "true" if self.ui.holdOutCheckBox.checked else "false")
+        node.EndModify(wasModified)
+
+    def onSceneEndClose(self, caller, event):
+        self.cases = []
+        self.ui.casesListWidget.clear()
+        if self.parent.isEntered:
+            self.updateGUIFromParameterNode()
+
+    def enter(self):
+        self.updateGUIFromParameterNode()
 
     def onAddCase(self):
         volume = self.ui.volumeSelector.currentNode()
@@ -71,8 +120,17 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not base:
             slicer.util.errorDisplay("Choose a model to fine-tune (add one in MaskSAM Segment).")
             return
-        classes = [c["name"] for c in json.loads((Path(base) / "model.json").read_text())["classes"]]
+        if not dependencies.ensure_in_slicer("MaskSAM Trainer"):
+            self.ui.logTextEdit.append("Not started: required Python packages are missing.")
+            return
+        classes = [name for name, _ in models.model_organs(base)]
+        if not classes:
+            slicer.util.errorDisplay(f"{base} has no readable model card (model.json).")
+            return
         folder = self.ui.outputPathLineEdit.currentPath
+        if not folder:
+            slicer.util.errorDisplay("Choose an output folder for the dataset and the new model.")
+            return
         try:
             report = self.logic.writeDataset(self.cases, classes, os.path.join(folder, "dataset"))
         except ValueError as exc:
@@ -81,9 +139,14 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.append(f"dataset: {len(report['cases'])} cases")
         for note in scene_dataset.absent_class_notes(report, classes):
             self.ui.logTextEdit.append(note)
-        self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
-                                            self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText, classes,
-                                            holdOut=self.ui.holdOutCheckBox.checked)
+        try:
+            self.run = self.logic.startTraining(os.path.join(folder, "dataset"), os.path.join(folder, "model"), base,
+                                                self.ui.stepsSpinBox.value, self.ui.deviceComboBox.currentText,
+                                                classes, holdOut=self.ui.holdOutCheckBox.checked)
+        except OSError as exc:
+            slicer.util.errorDisplay(f"Training could not start: {exc}")
+            return
+        self.ui.logTextEdit.append(f"training into {self.logic.lastOutput}")
         # the logic emptied (or re-created, after a scene close) the curves: show them
         self.ui.plotWidget.setMRMLPlotViewNode(self.logic.curves.ensureNodes())
         self.ui.progressBar.setValue(0)
@@ -92,16 +155,14 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
 
     def onPoll(self):
-        import select
-
         if self.run is None:
+            self.timer.stop()
             return
-        while select.select([self.run.process.stdout], [], [], 0)[0]:
-            if self.run.poll_lines() is not None:
-                break
-            self.showLine(self.run.log[-1] if self.run.log else "")
-        if self.run.process.poll() is not None:
-            self.finishRun()
+        code = self.run.poll()
+        for line in self.run.last_lines:
+            self.showLine(line)
+        if code is not None:
+            self.finishRun(code)
 
     def showLine(self, line):
         """One line the train process printed: log it; a progress line moves the bar and adds a plot point."""
@@ -119,33 +180,42 @@ class MaskSAMTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.warningDisplay(message, windowTitle="MaskSAM Trainer")
         self.logic.recordProgress(progress)
 
-    def finishRun(self):
-        import select
-
+    def finishRun(self, code):
         self.timer.stop()
-        # the process has ended: show what it printed after the last poll (the pipe is at its end once every
-        # writer is gone; the timeout only guards against a stray child process holding it open)
-        while select.select([self.run.process.stdout], [], [], 0.5)[0]:
-            if self.run.poll_lines() is not None:
-                break
-            self.showLine(self.run.log[-1] if self.run.log else "")
-        code = self.run.process.wait()
-        out = self.logic.lastOutput
-        if code == 0 or (Path(out) / "model.json").exists():
-            self.logic.registerModel(out)
-            self.ui.logTextEdit.append(f"model registered: {out}")
-        else:
-            slicer.util.errorDisplay("Training failed.", detailedText=self.run.log_text())
-        self.run.cleanup()
-        self.run = None
+        run, self.run = self.run, None
         self.ui.trainButton.enabled = True
         self.ui.stopButton.enabled = False
+        try:
+            result = self.logic.finishTraining(run, code)
+        finally:
+            run.cleanup()
+        self.ui.logTextEdit.append(result.message)
+        if result.kind == "stopped":
+            if slicer.util.confirmYesNoDisplay(result.message + " Use it in MaskSAM Segment?",
+                                               windowTitle="MaskSAM Trainer"):
+                self.logic.registerModel(result.model)
+                self.ui.logTextEdit.append(f"model registered: {result.model}")
+        elif result.kind == "complete":
+            self.logic.registerModel(result.model)
+            self.ui.logTextEdit.append(f"model registered: {result.model}")
+        elif result.kind == "failed":
+            slicer.util.errorDisplay(result.message, detailedText=run.log_text()[-20000:])
 
     def onStop(self):
-        """Stops training; the last checkpoint (written atomically at each epoch) is kept and registered."""
+        """Ask train to stop: it finishes the current step and saves a valid (partial) model, which is then
+        offered; the tree is killed only when it has not ended after ``train_process.STOP_GRACE_S``."""
+        if self.run is not None and not self.run.cancelled:
+            self.run.request_stop(train_process.STOP_GRACE_S)
+            self.ui.stopButton.enabled = False
+            self.ui.logTextEdit.append("Stopping after the current step...")
+
+    def cleanup(self):
+        """The module or Slicer is closing: stop a running training (it must not outlive the module)."""
+        self.timer.stop()
         if self.run is not None:
-            self.run.cancel()
-            self.finishRun()
+            run, self.run = self.run, None
+            run.cancel(grace_s=5.0)
+        self.removeObservers()
 
 
 class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
@@ -164,12 +234,19 @@ class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
 
     def startTraining(self, dataset, out, base, steps, device, classes, holdOut=True):
         """Start ``python -m masksam_core.train --progress json`` in the background; the curves start empty.
+        The model goes to ``out``, or ``out-2``, ``out-3``, ... when that exists (``lastOutput`` says which).
         ``holdOut``: validate on a quarter of each case's slices (``--val-slices auto``), which are not trained on."""
+        out = train_process.unique_output_dir(out)
         self.lastOutput = out
         self.curves.reset()
-        cmd = scene_dataset.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes,
+        cmd = train_process.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes,
                                           val_slices="auto" if holdOut else None)
-        return engine_process.EngineRun(lambda _wd: cmd)
+        return engine_process.EngineRun(lambda _wd: cmd, outputs=[out])
+
+    def finishTraining(self, run, code):
+        """What the ended run left (:class:`train_process.Outcome`): a complete model, a partial one after Stop,
+        nothing, or a failure."""
+        return train_process.outcome(code, self.lastOutput, run.cancelled)
 
     def recordLine(self, line):
         """Feed one output line of the train process; a loss or validation line adds a row to the curves."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import unittest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +19,13 @@ def import_module_without_qt(monkeypatch, module: str):
         def __init__(self, parent=None):
             self.parent = parent
 
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
+    class _Test(unittest.TestCase):  # Slicer's ScriptedLoadableModuleTest is a TestCase with delayDisplay
+        def delayDisplay(self, message, msec=1000):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget"):
         setattr(slm, name, type(name, (_Base,), {}))
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (_Test,), {})
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
     spec = importlib.util.spec_from_file_location(f"_test_{module}", ROOT / module / f"{module}.py")

@@ -15,7 +15,8 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("this 'slicer' module is not slicer-core", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MaskSAMSegment"))
-from MaskSAMSegmentLib import engine_process, models, mrml_io  # noqa: E402
+from MaskSAMSegmentLib import mrml_io  # noqa: E402
+from slicer_stubs import import_module_without_qt  # noqa: E402
 
 from masksam_core.labels import class_entries  # noqa: E402
 
@@ -128,21 +129,6 @@ def test_seg_nrrd_export_loads_back(scene, tmp_path):
     assert again is seg and seg.GetSegmentation().GetNumberOfSegments() == 2
 
 
-def test_progress_parsing_and_command():
-    cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", True)
-    assert cmd[:3] == ["py", "-m", "masksam_core.predict"] and "--fast" in cmd and "json" in cmd
-    assert "--modality" not in cmd and "--format" not in cmd  # labels.nrrd: the extension decides
-    from masksam_core.predict import build_parser, output_format
-
-    args = build_parser().parse_args(cmd[3:])
-    assert output_format(Path(args.output), args.format) == "nrrd"
-    cmd = engine_process.predict_command("py", "in.nrrd", "out.nrrd", "/m", "cpu", False, modality="MR")
-    assert cmd[cmd.index("--modality") + 1] == "MR"  # the NRRD Slicer exports loses the DICOM tag
-    p = engine_process.parse_progress('{"stage": "segment", "done": 3, "total": 4}\n')
-    assert p["fraction"] == 0.75
-    assert engine_process.parse_progress("some log line") is None
-
-
 def test_the_engines_warnings_reach_the_module(tmp_path):
     sidecar = tmp_path / "labels.json"
     sidecar.write_text(json.dumps({"organs": {}, "warnings": ["this scan looks like MR"]}))
@@ -154,27 +140,33 @@ def test_the_engines_warnings_reach_the_module(tmp_path):
     assert mrml_io.dicom_modality(node) is None  # not loaded from DICOM: the engine tells by the intensities
 
 
-def test_cancel_really_stops_and_removes_temporary_files(tmp_path):
-    script = "import time, sys\nprint('{\"stage\": \"segment\", \"done\": 0, \"total\": 9}', flush=True)\ntime.sleep(60)\n"
-    run = engine_process.EngineRun(lambda wd: [sys.executable, "-c", script])
-    (run.workdir / "input.nrrd").write_text("x")
-    run.poll_lines()
-    assert run.progress["stage"] == "segment"
-    t = time.time()
-    run.cancel(grace_s=2)
-    assert run.process.poll() is not None and time.time() - t < 5
-    assert not run.workdir.exists()
+def test_the_in_slicer_self_test_runs_the_stub_engine_in_seconds(monkeypatch):
+    """MaskSAMSegmentTest (what Slicer's self-test button runs): start, progress, result in the scene and cancel
+    with the stub engine; the full inference only with MASKSAM_SELFTEST_FULL=1."""
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.delenv("MASKSAM_SELFTEST_FULL", raising=False)
+    ran = []
+    monkeypatch.setattr(mod.MaskSAMSegmentTest, "test_segment_sample", lambda self: ran.append("full"))
+    t = time.monotonic()
+    mod.MaskSAMSegmentTest("runTest").runTest()
+    assert time.monotonic() - t < 60 and ran == []
+    monkeypatch.setenv("MASKSAM_SELFTEST_FULL", "1")
+    mod.MaskSAMSegmentTest("runTest").runTest()
+    assert ran == ["full"]
 
 
-def test_model_registry_persists(tmp_path):
-    folder = tmp_path / "m"
-    folder.mkdir()
-    (folder / "model.json").write_text(json.dumps({"name": "mine", "backbone": {"name": "litemedsam"},
-                                                   "classes": [{"value": 1}]}))
-    reg = models.ModelRegistry(tmp_path / "settings" / "models.json")
-    reg.add(str(folder))
-    again = models.ModelRegistry(tmp_path / "settings" / "models.json")
-    assert [m["path"] for m in again.models() if "mine" in m["label"]] == [str(folder)]
-    with pytest.raises(ValueError, match="not a MaskSAM model folder"):
-        reg.add(str(tmp_path))
-    assert models.install_plan(["torch", "SimpleITK"], True) == ["SlicerPyTorch: installTorch", "pip: SimpleITK"]
+def test_logic_passes_the_chosen_organs_to_predict(monkeypatch, tmp_path):
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    started = []
+
+    class FakeRun:
+        def __init__(self, builder, **kwargs):
+            started.append(builder(tmp_path))
+
+    monkeypatch.setattr(mod.engine_process, "EngineRun", FakeRun)
+    scene = slicer.vtkMRMLScene()
+    node = _volume_node(scene, np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    mod.MaskSAMSegmentLogic().start(node, "/m", organs=["liver", "spleen"])
+    cmd = started[0]
+    assert cmd[cmd.index("--organs") + 1] == "liver,spleen" and (tmp_path / "input.nrrd").exists()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MaskSAMSegment"))
 sys.path.insert(0, str(ROOT / "MaskSAMTrainer"))
 from MaskSAMSegmentLib import mrml_io  # noqa: E402
-from MaskSAMTrainerLib import scene_dataset  # noqa: E402
+from MaskSAMTrainerLib import scene_dataset, train_process  # noqa: E402
 
 from masksam_core.labels import class_entries  # noqa: E402
 
@@ -90,5 +90,60 @@ def test_scene_to_dataset_with_exact_geometry(tmp_path):
     assert scene_dataset.absent_class_notes(report, CLASSES) == []
     notes = scene_dataset.absent_class_notes(report, CLASSES + ["aorta", "stomach"])
     assert len(notes) == 1 and notes[0].startswith("case000 (CT): no segment for aorta, stomach;")
-    cmd = scene_dataset.train_command("py", str(tmp_path / "ds"), str(tmp_path / "m"), "/base", 50, "cpu", CLASSES)
+    cmd = train_process.train_command("py", str(tmp_path / "ds"), str(tmp_path / "m"), "/base", 50, "cpu", CLASSES)
     assert "--init-from" in cmd and cmd[cmd.index("--classes") + 1] == "liver,spleen,kidney_left"
+
+
+FAKE_TRAIN = """
+import json, os, signal, sys, time
+out = sys.argv[1]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+for step in range(1, 41):
+    print(json.dumps({"stage": "train", "done": step, "total": 40, "loss": 1.0 / step}), flush=True)
+    time.sleep(0.05)
+    if stop:
+        os.makedirs(out)
+        with open(os.path.join(out, "model.json"), "w") as f:
+            json.dump({"name": "m", "training": {"stopped": {"step": step, "max_steps": 40}}}, f)
+        print(f"Stopped at step {step} of 40; model saved to {out}", flush=True)
+        sys.exit(0)
+sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal to a real process")
+def test_trainer_stop_keeps_a_partial_model_in_a_fresh_folder(monkeypatch, tmp_path):
+    """Stop asks train to save (SIGTERM); the partial model it wrote is what the Trainer offers, and a model name
+    already used goes to name-2 instead of failing."""
+    import time
+
+    from slicer_stubs import import_module_without_qt
+
+    mod = import_module_without_qt(monkeypatch, "MaskSAMTrainer")
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    commands = []
+    real_command = train_process.train_command
+
+    def fake_command(python, dataset, out, *args, **kwargs):
+        commands.append(real_command(python, dataset, out, *args, **kwargs))
+        return [sys.executable, str(script), out]
+
+    monkeypatch.setattr(mod.train_process, "train_command", fake_command)
+    (tmp_path / "model").mkdir()  # a first training used this name
+    logic = mod.MaskSAMTrainerLogic(slicer.vtkMRMLScene())
+    run = logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "model"), "/base", 40, "cpu", CLASSES)
+    assert logic.lastOutput == str(tmp_path / "model-2")
+    assert commands[0][commands[0].index("--checkpoint-every") + 1] == "10"
+    deadline = time.monotonic() + 20
+    while run.poll() is None and not any('"done": 3' in line for line in run.log) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.request_stop(train_process.STOP_GRACE_S)
+    while (code := run.poll()) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert code == 0 and not run.killed
+    result = logic.finishTraining(run, code)
+    assert result.kind == "stopped" and result.model == str(tmp_path / "model-2")
+    assert train_process.parse_stopped_line(run.log[-1])["folder"] == str(tmp_path / "model-2")
+    run.cleanup()

@@ -149,7 +149,7 @@ def test_trainer_logic_plots_progress_and_resets_on_new_training(capsys, monkeyp
     started = []
 
     class FakeRun:  # the logic starts the train process through EngineRun; record the command instead
-        def __init__(self, builder):
+        def __init__(self, builder, **kwargs):
             self.command = builder(tmp_path)
             started.append(self.command)
 

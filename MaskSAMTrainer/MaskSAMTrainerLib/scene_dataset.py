@@ -150,18 +150,3 @@ def absent_class_notes(report: Dict, class_names: Sequence[str]) -> List[str]:
                          f"organs are in the scan, fine-tuning learns them as background")
     return notes
 
-
-def train_command(python: str, dataset: str, out: str, init_from: Optional[str], max_steps: int, device: str,
-                  classes: Sequence[str], val_fraction: Optional[float] = None,
-                  val_slices: Optional[str] = None) -> List[str]:
-    """The ``python -m masksam_core.train`` command line; ``val_slices`` "auto" holds out a quarter of each case's
-    slices (validated before the first step and after the last)."""
-    cmd = [python, "-m", "masksam_core.train", "--data", dataset, "--out", out, "--max-steps", str(max_steps),
-           "--device", device, "--progress", "json", "--classes", ",".join(classes)]
-    if init_from:
-        cmd += ["--init-from", init_from]
-    if val_fraction:
-        cmd += ["--val-fraction", str(val_fraction)]
-    if val_slices:
-        cmd += ["--val-slices", val_slices]
-    return cmd
