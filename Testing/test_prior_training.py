@@ -88,7 +88,7 @@ def test_prior_losses_score_the_decoded_pairs_against_the_labels():
     high = prior_mask_losses(wrong, decoded, labels)
     assert high["loss_mask"] > 5 and high["loss_dice"] > 0.4
     none = prior_mask_losses(good.requires_grad_(), torch.zeros(2, 3, dtype=torch.bool), labels)
-    assert float(none["loss_mask"].detach()) == 0 and none["loss_mask"].requires_grad
+    assert float(none["loss_mask"]) == 0 and not none["loss_mask"].requires_grad
 
 
 def _tiny_trainer(max_decoded=2):
@@ -214,3 +214,22 @@ def test_prior_fraction_trains_end_to_end_and_is_recorded(tiny, tmp_path):
               "hungarian"] + common)
     with pytest.raises(MaskSAMError, match="prior-fraction"):
         main(["--out", str(tmp_path / "m3"), "--max-steps", "4", "--prior-fraction", "1.5"] + common)
+
+
+def test_a_prior_with_nothing_to_decode_never_breaks_a_step():
+    """A slab whose prior holds no organ takes the usual step; one whose prior organs lie only on unlabelled
+    slices has nothing to learn from and makes no update."""
+    model, trainer = _tiny_trainer()
+    label = torch.zeros(1, 2, 64, 64, dtype=torch.long)
+    label[0, :, 8:24, 8:40] = 1
+    batch = _prior_batch(model, label)
+    empty = dict(batch.prior, present=torch.zeros_like(batch.prior["present"]))
+    batch.prior = empty
+    row = trainer.train_step(batch, torch.Generator().manual_seed(0))
+    assert "loss_aux_mask" in row
+    batch = _prior_batch(model, label)
+    batch.label = torch.full_like(label, 255)
+    before = [p.clone() for p in model.parameters() if p.requires_grad]
+    row = trainer.train_step(batch, torch.Generator().manual_seed(0))
+    assert row["loss"] == 0 and trainer.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for p in model.parameters() if p.requires_grad]))

@@ -73,16 +73,16 @@ def prior_mask_losses(pred_masks: torch.Tensor, decoded: torch.Tensor, labels: t
     int64 class indices, ``ignore_index`` = not labelled. Each decoded pair on a slice with labelled pixels is
     compared with its class's mask on that slice on every labelled pixel (logits resized to (H, W) if needed): an
     organ the prior put where the slice holds none is compared with an empty mask. Returns ``loss_mask`` (BCE, mean
-    over the pixels) and ``loss_dice`` (Dice, smoothing 1), each averaged over the pairs; zero (with a gradient path)
-    when nothing was decoded.
+    over the pixels) and ``loss_dice`` (Dice, smoothing 1), each averaged over the pairs; zero (without a gradient)
+    when no decoded pair lies on a labelled slice.
     """
     s_idx, q_idx = torch.nonzero(decoded, as_tuple=True)
     lab = labels[s_idx]
     valid = (lab != ignore_index)
     has = valid.flatten(1).any(1)
     s_idx, q_idx, lab, valid = s_idx[has], q_idx[has], lab[has], valid[has]
-    if s_idx.numel() == 0:
-        zero = pred_masks.sum() * 0.0
+    if s_idx.numel() == 0:  # nothing to learn from: zeros without a gradient, and the loop makes no update
+        zero = pred_masks.new_zeros(()).detach()
         return {"loss_mask": zero, "loss_dice": zero}
     logits = pred_masks[s_idx, q_idx]
     if logits.shape[-2:] != lab.shape[-2:]:

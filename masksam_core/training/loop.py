@@ -216,7 +216,7 @@ class Trainer:
         lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if batch.prior is not None and not prompt_only:
+        if batch.prior is not None and not prompt_only and bool(batch.prior["present"].any()):
             losses = self._prior_step_losses(batch, labels, gen)
         else:
             outputs = self._forward(batch, decode, prompt_only)
@@ -227,6 +227,9 @@ class Trainer:
             losses = self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
         total = self.criterion.weighted_total(losses)
         self.optimizer.zero_grad(set_to_none=True)
+        if not total.requires_grad:  # nothing to learn from (a prior whose organs lie on unlabelled slices only)
+            self.step += 1
+            return {"loss": float(total), "lr": lr, **{k: float(v) for k, v in losses.items()}}
         total.backward()
         if after_backward is not None:
             after_backward()
