@@ -12,7 +12,8 @@ organs' channels sooner and the dense ones the vessels and the empty slices, so 
 continue with the other (the prompt stage's learning-rate schedule restarts at the switch).
 
 Everything that decides the run's future (weights, optimizer, step, sampler and augmentation RNG states) is
-checkpointed atomically at each epoch end, so ``--resume`` after a kill continues exactly.
+checkpointed atomically at each epoch end (and every ``--checkpoint-every`` steps, and at a graceful stop: see
+``stop.py``), so ``--resume`` after a kill or a stop continues exactly.
 """
 from __future__ import annotations
 

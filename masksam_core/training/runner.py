@@ -4,7 +4,8 @@ Output folder (``--out``):
 - ``model.json`` + ``weights.pt``: the best model by validation Dice (the last one without validation); the
   folder itself is a model folder that ``predict`` loads;
 - ``latest/``: a model folder updated at every epoch end;
-- ``state/training_state.pt``: optimizer, step, RNG states for ``--resume``;
+- ``state/training_state.pt``: optimizer, step, RNG states for ``--resume`` (at epoch ends, every
+  ``--checkpoint-every`` steps and at a graceful stop, after which the folders' cards say ``training.stopped``);
 - ``train_config.json`` (effective configuration), ``train_log.csv``, ``curves.png``, ``summary.json``.
 
 Multi-GPU: under ``torchrun`` each process samples its own batches (seed + rank) and the gradients of the trained
