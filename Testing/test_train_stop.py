@@ -226,3 +226,23 @@ def test_checkpoint_every_writes_checkpoints_at_its_steps(tiny, dataset, cache, 
                    "--checkpoint-every", "2", "--cache-dir", str(cache)] + COMMON) == 0
     assert saved == [2, 3, 4, 5]  # every 2 steps and at each epoch end (3, and the last step)
     assert [p.name for p in (out / "state").iterdir()] == ["training_state.pt"]
+
+
+def test_python_api_stops_on_its_own_callable_and_installs_no_handler(tiny, dataset, cache, tmp_path):
+    from masksam_core.train import parse_config
+    from masksam_core.training.runner import run_training
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    asked = []
+
+    def stop() -> bool:  # asked after every step, with the caller's own signal handlers in place
+        asked.append({s: signal.getsignal(s) for s in handlers})
+        return len(asked) == 2
+
+    out = tmp_path / "api"
+    cfg = parse_config(["--data", str(dataset), "--out", str(out), "--max-steps", "5", "--cache-dir", str(cache)]
+                       + COMMON)
+    summary = run_training(cfg, stop=stop)
+    assert summary["stopped"] == {"step": 2, "max_steps": 5} and summary["steps"] == 2
+    assert asked == [handlers, handlers]
+    assert _card(out)["training"]["stopped"] == {"step": 2, "max_steps": 5}
