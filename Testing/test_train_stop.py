@@ -177,6 +177,7 @@ def test_sigterm_mid_run_saves_a_model_that_predict_loads(tiny, dataset, cache, 
 _train = test_train._train
 
 
+@pytest.mark.slow  # three runs
 def test_stop_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, dataset, cache, tmp_path,
                                                                           monkeypatch, capsys):
     import masksam_core.training.loop as loop
