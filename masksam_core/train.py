@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int)
     p.add_argument("--steps-per-epoch", type=int, help="steps between validations and checkpoints")
-    p.add_argument("--checkpoint-every", type=int,
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="also write a resumable checkpoint every N steps (default: at epoch ends only)")
     v = p.add_mutually_exclusive_group()
     v.add_argument("--val-cases", help="comma-separated validation case ids")
