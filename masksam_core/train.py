@@ -3,13 +3,17 @@
     python -m masksam_core.train --data DIR --out DIR [--config FILE] [--backbone litemedsam|vit_b|vit_l|vit_h]
         [--sam-checkpoint PATH] [--classes a,b,c] [--init-from MODEL_DIR] [--epochs N | --max-steps N]
         [--val-cases a,b | --val-fraction F | --val-slices CASE:18-23,42-47|auto] [--resume] [--device auto|cpu|cuda]
-        [--seed S] [--recipe auto|cpu|gpu]
+        [--seed S] [--recipe auto|cpu|gpu] [--checkpoint-every N]
 
 DIR is an nnU-Net v2 raw dataset (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json``) or
 an MSD-style one. The output folder is a model folder that ``predict`` loads directly (the best weights by
 validation Dice), with ``latest/`` (updated every epoch), the training state for ``--resume``, the CSV log,
 ``curves.png`` and ``summary.json``. Every option can also be given in a YAML or JSON ``--config`` file; the
 effective configuration is saved as ``train_config.json``.
+
+SIGTERM or Ctrl+C (Ctrl+Break on Windows) stops the run after the current step: a checkpoint for ``--resume`` and
+the model folder, marked as stopped at step k (``training.stopped`` in ``model.json``), are written, the line
+``Stopped at step k of n; model saved to DIR`` is printed and the exit code is 0. A second one aborts at once.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int)
     p.add_argument("--steps-per-epoch", type=int, help="steps between validations and checkpoints")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also write a resumable checkpoint every N steps (default: at epoch ends only)")
     v = p.add_mutually_exclusive_group()
     v.add_argument("--val-cases", help="comma-separated validation case ids")
     v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
@@ -103,8 +109,17 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_config(argv)
     from .training.runner import run_training
+    from .training.stop import graceful_stop
 
-    summary = run_training(cfg)
+    with graceful_stop() as stop:  # only for the command: the handlers are put back when the run ends
+        summary = run_training(cfg, stop=stop)
+    stopped = summary.get("stopped")
+    if stopped:
+        if cfg.progress == "json":
+            print(json.dumps({"stage": "stopped", "step": stopped["step"], "total": stopped["max_steps"],
+                              "model": str(cfg.out)}), flush=True)
+        print(f"Stopped at step {stopped['step']} of {stopped['max_steps']}; model saved to {cfg.out}", flush=True)
+        return 0
     if cfg.progress == "json":
         keys = ("best_step", "best_dice_mean", "dice_mean_before")
         print(json.dumps({"stage": "done", **{k: summary[k] for k in keys if k in summary}}))

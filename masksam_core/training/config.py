@@ -15,7 +15,7 @@ PROMPT_STAGE_PRECISIONS = ("same", "auto", "bf16", "fp32")  # see training.runne
 AUX_BCE_MODES = ("mean", "balanced")  # dense auxiliary BCE of class-bound matching (SetCriterion.aux_bce)
 # Options that --resume may take from the new command line instead of the interrupted run's saved configuration:
 # where things are and how the run is watched, nothing that changes what is trained.
-RESUME_MAY_CHANGE = ("data", "out", "resume", "overwrite", "device", "cache_dir", "progress")
+RESUME_MAY_CHANGE = ("data", "out", "resume", "overwrite", "device", "cache_dir", "progress", "checkpoint_every")
 SAVED_CONFIG = "train_config.json"
 
 
@@ -35,6 +35,7 @@ class TrainConfig:
     epochs: Optional[int] = None
     max_steps: Optional[int] = None
     steps_per_epoch: Optional[int] = None
+    checkpoint_every: Optional[int] = None  # a resumable checkpoint every N steps too; None: at epoch ends only
     val_cases: Optional[List[str]] = None
     val_fraction: Optional[float] = None
     val_slices: Optional[str] = None
@@ -140,6 +141,8 @@ def merge_config(file_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Tra
         raise MaskSAMError(f"matching must be auto, hungarian or class_bound, not {cfg.matching!r}")
     if len(cfg.spacing) != 3 or min(float(v) for v in cfg.spacing) <= 0:
         raise MaskSAMError("spacing needs three positive numbers (x, y, z in mm)")
+    if cfg.checkpoint_every is not None and int(cfg.checkpoint_every) < 1:
+        raise MaskSAMError("--checkpoint-every must be at least 1 (leave it out to checkpoint at epoch ends only)")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
         raise MaskSAMError("--val-fraction must be between 0 and 1")
     return cfg

@@ -18,7 +18,8 @@ the loss is the decoded masks' BCE and Dice against the true labels on every lab
 (``criterion.prior_mask_losses``): the organ that is there, or nothing where the prior put an organ that is not.
 
 Everything that decides the run's future (weights, optimizer, step, sampler and augmentation RNG states) is
-checkpointed atomically at each epoch end, so ``--resume`` after a kill continues exactly.
+checkpointed atomically at each epoch end (and every ``--checkpoint-every`` steps, and at a graceful stop: see
+``stop.py``), so ``--resume`` after a kill or a stop continues exactly.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Output folder (``--out``):
 - ``model.json`` + ``weights.pt``: the best model by validation Dice (the last one without validation); the
   folder itself is a model folder that ``predict`` loads;
 - ``latest/``: a model folder updated at every epoch end;
-- ``state/training_state.pt``: optimizer, step, RNG states for ``--resume``;
+- ``state/training_state.pt``: optimizer, step, RNG states for ``--resume`` (at epoch ends, every
+  ``--checkpoint-every`` steps and at a graceful stop, after which the folders' cards say ``training.stopped``);
 - ``train_config.json`` (effective configuration), ``train_log.csv``, ``curves.png``, ``summary.json``.
 
 Multi-GPU: under ``torchrun`` each process samples its own batches (seed + rank) and the gradients of the trained
@@ -20,7 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ from .config import SAVED_CONFIG, TrainConfig
 from .loop import LoopConfig, Trainer
 from .progress_log import Progress, TrainingLog, plot_curves
 from .sources import PriorTraining
-from .state import load_state, restore_rng, rng_state, save_state
+from .state import checkpoint_payload, load_state, restore_rng, save_state
+from .stop import checkpoint_due, clear_stopped, publish_stopped, stop_requested
 
 STATE_DIR = "state"
 LATEST_DIR = "latest"
@@ -231,7 +233,9 @@ def prompt_stage_autocast(device: torch.device, precision: str, amp: Optional[to
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def run_training(cfg: TrainConfig) -> Dict:
+def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) -> Dict:
+    """Train as ``cfg`` says; ``stop`` (see ``training.stop``), asked after every step, ends the run early with a
+    checkpoint and a model folder marked as stopped (the summary's ``stopped``)."""
     from .data_setup import prepare_data
 
     if not cfg.data or not cfg.out:
@@ -394,6 +398,7 @@ def run_training(cfg: TrainConfig) -> Dict:
     if before:
         card_training["val_dice_before"] = before
 
+    stopped: Optional[Dict[str, int]] = None
     try:
         while trainer.step < max_steps:
             batch = source.train_batch(rng, gen)
@@ -402,7 +407,8 @@ def run_training(cfg: TrainConfig) -> Dict:
             if log:
                 log.write({"step": trainer.step, "epoch": epoch, **row})
             progress.update("train", loss=row["loss"])
-            if trainer.step % steps_per_epoch == 0 or trainer.step == max_steps:
+            epoch_end = trainer.step % steps_per_epoch == 0 or trainer.step == max_steps
+            if epoch_end:
                 # the prompt-only stage has no trained decoder yet: its decoded masks say nothing, so only the
                 # auxiliary masks are validated then (class-bound matching: one channel per class)
                 in_prompt_stage = trainer.step <= loop_cfg.prompt_steps < max_steps
@@ -419,12 +425,22 @@ def run_training(cfg: TrainConfig) -> Dict:
                                       overwrite=True, extra_dirs=[out / ATLAS_DIR] if atlas_record else None)
                     if improved:
                         write_model_files(model, card, out)
-                    save_state(out / STATE_DIR, {"model": model.trainable_state_dict(), "trainer": trainer.state(),
-                                                 "rng": rng_state(rng, gen), "best": json.dumps(best),
-                                                 "before": json.dumps(before),
-                                                 "elapsed_s": float(time.time() - start)})
+                    save_state(out / STATE_DIR, checkpoint_payload(model, trainer, rng, gen, best, before, start))
                 if world > 1:
                     dist.barrier()
+            stopping = trainer.step < max_steps and stop_requested(stop, world, device)
+            if main_proc and not epoch_end and (stopping or checkpoint_due(trainer.step, cfg.checkpoint_every)):
+                save_state(out / STATE_DIR, checkpoint_payload(model, trainer, rng, gen, best, before, start))
+            if stopping:
+                stopped = {"step": trainer.step, "max_steps": max_steps}
+                if main_proc:
+                    card = make_card_now({"steps_done": trainer.step, "training_time_s": round(time.time() - start, 1),
+                                          "stopped": stopped})
+                    save_model_folder(model, card, out / LATEST_DIR, overwrite=True,
+                                      extra_dirs=[out / ATLAS_DIR] if atlas_record else None)
+                    publish_stopped(out, out / LATEST_DIR, CARD_FILE, card.weights, stopped,
+                                    keep_best=best["step"] is not None and best["dice_mean"] >= 0)
+                break
     finally:
         progress.close()
         if log:
@@ -432,13 +448,16 @@ def run_training(cfg: TrainConfig) -> Dict:
     summary = {"best_step": best["step"], "best_dice_mean": best["dice_mean"], "best_dice": best["dice"],
                **({"dice_mean_before": before["dice_mean"], "dice_before": before["dice"]} if before else {}),
                "steps": trainer.step, "training_time_s": round(time.time() - start, 1), "recipe": recipe,
-               "hardware": hardware()}
+               "hardware": hardware(), **({"stopped": stopped} if stopped else {})}
     if main_proc:
+        if not stopped:
+            clear_stopped(out / CARD_FILE)
         plot_curves(out / "train_log.csv", out / "curves.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if (out / CARD_FILE).is_file():
+        if (out / CARD_FILE).is_file() and not stopped:  # a README would not say it is partial (card_text)
             write_card_readme(out)
-        print(f"done: {trainer.step} steps in {summary['training_time_s']:.0f} s; best step {best['step']} "
+        print(f"{'stopped' if stopped else 'done'}: {trainer.step} steps in {summary['training_time_s']:.0f} s; "
+              f"best step {best['step']} "
               f"with mean validation Dice {best['dice_mean']:.3f}", file=sys.stderr)
         if before:
             print(f"before fine-tuning (step 0): mean validation Dice "

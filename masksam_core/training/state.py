@@ -6,9 +6,11 @@ tensors and plain Python values.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -49,6 +51,15 @@ def _to_tuple(value):
     if isinstance(value, tuple):
         return tuple(_to_tuple(v) for v in value)
     return value
+
+
+def checkpoint_payload(model, trainer, np_rng: np.random.Generator, torch_gen: torch.Generator, best: Dict,
+                       before: Dict, start: float) -> Dict[str, Any]:
+    """Everything ``--resume`` needs to continue exactly after this step: the trained weights, the trainer's
+    optimizer and step, the random states, the best validation so far, the fine-tuning baseline and the time
+    spent (``start``: the run's ``time.time()`` at its start)."""
+    return {"model": model.trainable_state_dict(), "trainer": trainer.state(), "rng": rng_state(np_rng, torch_gen),
+            "best": json.dumps(best), "before": json.dumps(before), "elapsed_s": float(time.time() - start)}
 
 
 def save_state(folder: Path, payload: Dict[str, Any]) -> Path:
