@@ -171,6 +171,7 @@ def test_sigterm_mid_run_saves_a_model_that_predict_loads(tiny, dataset, cache, 
     state = torch.load(out / "state" / "training_state.pt", weights_only=True)
     assert state["trainer"]["step"] == k and _steps_logged(out) == list(range(1, k + 1))
     assert json.loads((out / "summary.json").read_text())["stopped"]["step"] == k
+    assert f"**Partial model:** training was stopped at step {k} of 200" in (out / "README.md").read_text()
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
 
 
@@ -247,3 +248,17 @@ def test_python_api_stops_on_its_own_callable_and_installs_no_handler(tiny, data
     assert summary["stopped"] == {"step": 2, "max_steps": 5} and summary["steps"] == 2
     assert asked == [handlers, handlers]
     assert _card(out)["training"]["stopped"] == {"step": 2, "max_steps": 5}
+
+
+def test_the_stop_file_the_slicer_modules_write_asks_to_stop(tmp_path, monkeypatch):
+    """Slicer's Stop writes ``$MASKSAM_STOP_FILE``: the flag reads it between steps, on every platform."""
+    from masksam_core.training.stop import STOP_FILE_ENV, StopFlag
+
+    path = tmp_path / "stop"
+    monkeypatch.setenv(STOP_FILE_ENV, str(path))
+    flag = StopFlag()
+    assert not flag()
+    path.write_text("stop\n")
+    assert flag() and flag.reason == "stop file"
+    monkeypatch.delenv(STOP_FILE_ENV)
+    assert not StopFlag()()

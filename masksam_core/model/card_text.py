@@ -26,6 +26,10 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
     if card.description:
         lines += [card.description.strip(), ""]
     lines += [f"**Intended use:** {card.intended_use}", ""]
+    stopped = tr.get("stopped")
+    if stopped:
+        lines += [f"**Partial model:** training was stopped at step {stopped.get('step')} of "
+                  f"{stopped.get('max_steps')}; `--resume` continues it.", ""]
     lines += ["## Network", "",
               f"- MaskSAM on the **{card.backbone.get('name')}** backbone (input {card.input_size} px; base weights "
               f"sha256 `{str(card.backbone.get('sha256'))[:16]}...`), slab depth D = {arch.slab_depth}, "

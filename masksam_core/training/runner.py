@@ -454,7 +454,7 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
             clear_stopped(out / CARD_FILE)
         plot_curves(out / "train_log.csv", out / "curves.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if (out / CARD_FILE).is_file() and not stopped:  # a README would not say it is partial (card_text)
+        if (out / CARD_FILE).is_file():  # a stopped run's README says it is partial (card_text)
             write_card_readme(out)
         print(f"{'stopped' if stopped else 'done'}: {trainer.step} steps in {summary['training_time_s']:.0f} s; "
               f"best step {best['step']} "

@@ -27,18 +27,27 @@ import torch
 import torch.distributed as dist
 
 
+STOP_FILE_ENV = "MASKSAM_STOP_FILE"
+
+
 class StopFlag:
-    """A stop request, set by a signal handler (or by :meth:`request`) and read by the loop between steps."""
+    """A stop request, set by a signal handler (or by :meth:`request`) and read by the loop between steps; also set
+    once the file named by ``$MASKSAM_STOP_FILE`` exists (the Slicer modules write it on Stop: a request that works
+    the same on every platform, where a console event may not reach a process that has no console)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: Optional[str] = None
+        self.stop_file = os.environ.get(STOP_FILE_ENV) or None
 
     def request(self, reason: str = "requested") -> None:
         self.reason = reason
         self._event.set()
 
     def __call__(self) -> bool:
+        if not self._event.is_set() and self.stop_file and os.path.exists(self.stop_file):
+            self.request("stop file")
+            print(f"{self.stop_file} exists: stopping after the current step", file=sys.stderr, flush=True)
         return self._event.is_set()
 
 
