@@ -129,6 +129,25 @@ def test_seg_nrrd_export_loads_back(scene, tmp_path):
     assert again is seg and seg.GetSegmentation().GetNumberOfSegments() == 2
 
 
+def test_the_result_sits_under_the_volumes_study_with_its_reference_geometry(scene, tmp_path):
+    node = _volume_node(scene, np.zeros((5, 6, 7), np.int16), (1.0, 1.0, 2.0), (0, 0, 0), np.eye(3))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    volume_item = sh.GetItemByDataNode(node) or sh.CreateItem(study, node)
+    sh.SetItemParent(volume_item, study)
+    img = sitk.ReadImage(mrml_io.write_volume_node(node, str(tmp_path / "in.nrrd")))
+    _engine_output(img, tmp_path)
+    # Slicer's Segmentations module registers this conversion at start-up; the bare wheel does not
+    slicer.vtkSegmentationConverterFactory.GetInstance().RegisterConverterRule(
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    seg = mrml_io.import_result(node, str(tmp_path / "labels.nrrd"), str(tmp_path / "labels.json"), show_3d=True)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert seg.GetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole()) == node.GetID()
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    plain = mrml_io.import_result(node, str(tmp_path / "labels.nrrd"), str(tmp_path / "labels.json"))
+    assert not plain.GetSegmentation().ContainsRepresentation("Closed surface")
+
+
 def test_the_engines_warnings_reach_the_module(tmp_path):
     sidecar = tmp_path / "labels.json"
     sidecar.write_text(json.dumps({"organs": {}, "warnings": ["this scan looks like MR"]}))

@@ -47,11 +47,30 @@ def classes_from_sidecar(sidecar: Dict) -> List[Dict]:
     return list(sidecar.get("model", {}).get("classes", []))
 
 
-def import_result(volume_node, labelmap_path: str, sidecar_path: str, segmentation_node=None):
+def place_beside(volume_node, node) -> None:
+    """Put ``node`` in the subject hierarchy under the item that holds ``volume_node`` (its study), as Slicer's own
+    segmentation and DICOM modules do, so that the result stays with its patient and study."""
+    scene = volume_node.GetScene()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    volume_item = sh.GetItemByDataNode(volume_node) if sh is not None else 0
+    if not volume_item:
+        return
+    parent = sh.GetItemParent(volume_item)
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:
+        sh.CreateItem(parent, node)
+
+
+def import_result(volume_node, labelmap_path: str, sidecar_path: str, segmentation_node=None,
+                  show_3d: bool = False):
     """Engine output -> a segmentation node with one named, coloured, terminology-tagged segment per organ.
 
     ``segmentation_node`` is replaced in place when given (the widget asks the user first); otherwise a new node
-    is created. The segmentation's reference geometry is the source volume's.
+    is created. The segmentation's reference geometry is the source volume's (parameter and node reference role),
+    it sits under the volume's study in the subject hierarchy, and with ``show_3d`` its closed surfaces are built
+    for the 3D view.
     """
     scene = volume_node.GetScene()
     sidecar = json.loads(Path(sidecar_path).read_text())
@@ -64,6 +83,9 @@ def import_result(volume_node, labelmap_path: str, sidecar_path: str, segmentati
         else:
             segmentation_node.GetSegmentation().RemoveAllSegments()
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
+                                             volume_node.GetID())
+        place_beside(volume_node, segmentation_node)
         logic = slicer.vtkSlicerSegmentationsModuleLogic()
         if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
             raise RuntimeError("Slicer could not import the labelmap into the segmentation")
@@ -80,6 +102,8 @@ def import_result(volume_node, labelmap_path: str, sidecar_path: str, segmentati
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_tag(entry))
         segment.SetTag("MaskSAM.ClassName", entry["name"])
     segmentation_node.SetAttribute("MaskSAM.Model", json.dumps(sidecar.get("model", {}).get("name")))
+    if show_3d:
+        segmentation_node.CreateClosedSurfaceRepresentation()
     return segmentation_node
 
 
