@@ -137,13 +137,14 @@ def make_progress(mode: Optional[str]) -> Tuple[Callable[[str, int, int], None],
 def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source: Path, overwrite: bool,
                   series_uid: Optional[str] = None) -> None:
     """Write the labelmap in ``fmt`` and its JSON sidecar, each atomically."""
+    from .data.dicom_seg_check import check_seg_source
     from .data.volume_io import atomic_output, write_dicom_seg, write_labelmap, write_seg_nrrd
 
     if fmt == "seg.nrrd":
         write_seg_nrrd(labelmap, output, card.classes, overwrite=overwrite)
     elif fmt == "dicom-seg":
         if not source.is_dir():
-            raise InputError("--format dicom-seg needs a DICOM series folder as input")
+            check_seg_source(source)  # the one-line refusal; a folder's series is checked by write_dicom_seg
         write_dicom_seg(labelmap, source, output, card.classes, overwrite=overwrite, series_uid=series_uid)
     else:
         write_labelmap(labelmap, output, overwrite=overwrite)
@@ -210,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_dir = resolve_model_dir(args.model)
     jobs = plan_jobs(Path(args.input), Path(args.output), args.format)
     _check_outputs(jobs, args.overwrite)
+    _check_dicom_seg_sources(jobs, args.series_uid)  # before any model work: a SEG needs a source it can reference
     report, close = make_progress(args.progress)
     # A second thread reads and prepares each volume (SimpleITK and numpy release the GIL): the first while torch,
     # OpenVINO and the model load, each later one while the previous is segmented (see inference/preprocess.py).
@@ -257,6 +259,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         close()
         pool.shutdown(wait=True, cancel_futures=True)
     return 0
+
+
+def _check_dicom_seg_sources(jobs, series_uid: Optional[str]) -> None:
+    """``data.dicom_seg_check.check_seg_source`` for each job that writes a DICOM SEG."""
+    from .data.dicom_seg_check import check_seg_source
+
+    for src, _, fmt in jobs:
+        if fmt == "dicom-seg":
+            check_seg_source(src, series_uid)
 
 
 def _prepare_when_read(reading: "Future", card, options):
