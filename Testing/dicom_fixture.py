@@ -67,7 +67,8 @@ def dciodvfy_errors(path: Path):
 def check_seg_references(seg_path: Path, source_folder: Path) -> None:
     """pydicom-level checks of a SEG against its source series (asserts): the Segmentation IOD's identity, the
     source's study, frame of reference and series, every referenced image present in the source, and one
-    per-frame functional group, with a source image of the source, per frame."""
+    per-frame functional group, with a source image of the source and a segment (there or, with one segment, in the
+    shared groups), per frame."""
     import pydicom
 
     seg = pydicom.dcmread(seg_path)
@@ -88,4 +89,5 @@ def check_seg_references(seg_path: Path, source_folder: Path) -> None:
     for group in seg.PerFrameFunctionalGroupsSequence:
         uids = [s.ReferencedSOPInstanceUID for d in group.DerivationImageSequence for s in d.SourceImageSequence]
         assert uids and all(uid in source for uid in uids)
-        assert 1 <= int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) <= len(seg.SegmentSequence)
+        ident = group if "SegmentIdentificationSequence" in group else seg.SharedFunctionalGroupsSequence[0]
+        assert 1 <= int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber) <= len(seg.SegmentSequence)
