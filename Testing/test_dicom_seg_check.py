@@ -92,6 +92,30 @@ def test_the_seg_written_passes_an_independent_validator_and_references_its_sour
     assert dciodvfy_errors(out) == []
 
 
+def test_a_source_without_the_patient_and_study_attributes_gives_a_valid_seg(tmp_path):
+    """Anonymisers also remove the Type 2 patient and study attributes a SEG copies: they are written empty, as the
+    standard allows, instead of failing after the segmentation."""
+    import pydicom
+
+    from masksam_core.data.dicom_seg_check import TYPE2_COPIED
+
+    folder = _series(tmp_path / "dicom")
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for attribute in TYPE2_COPIED:
+            delattr(ds, attribute)
+        ds.save_as(path)
+    check_seg_source(folder)
+    out = tmp_path / "seg.dcm"
+    write_dicom_seg(_labelmap(folder), folder, out, class_entries(["liver", "spleen"]))
+    seg = pydicom.dcmread(out)
+    assert all(attribute in seg and not seg.get(attribute) for attribute in TYPE2_COPIED)
+    assert "PatientID" not in pydicom.dcmread(sorted(folder.glob("*.dcm"))[0])  # the source is left as it was
+    check_seg_references(out, folder)
+    _require_dciodvfy()
+    assert dciodvfy_errors(out) == []
+
+
 def test_the_validator_and_the_reference_check_catch_a_seg_with_empty_references(tmp_path):
     """What the unchecked writer produced from a series with only its SOP class filled in: the validator used above
     is not blind to it, and neither is the writer's own last check."""

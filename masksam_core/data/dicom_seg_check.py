@@ -5,7 +5,9 @@ reference and every image it segments.
 Real-world series often cannot be referenced: anonymisers blank the SOP Instance, SOP Class and Study Instance UIDs
 (TotalSegmentator's DICOM example CT has all three empty), which highdicom either fails on deep inside (``KeyError:
 ''``) or turns into a SEG whose references are empty. Such a source is refused with one line that says why and
-which formats work instead; the DICOM standard offers no way to reference an image without its UID.
+which formats work instead; the DICOM standard offers no way to reference an image without its UID. What the
+standard does allow is handled: the Patient and General Study attributes a SEG copies from its source are Type 2
+(present, possibly empty), so when an anonymiser removed them they are copied as empty (:func:`fill_type2`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ REQUIRED_GEOMETRY = (
     ("ImageOrientationPatient", "Image Orientation (Patient)"),
     ("PixelSpacing", "Pixel Spacing"),
 )
+#: the Type 2 attributes of the Patient and General Study modules that a SEG copies from its source (highdicom
+#: fails on a source without them); empty is valid
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
 #: one value shared by every image of a series that one SEG can reference
 SHARED = (("StudyInstanceUID", "studies"), ("SeriesInstanceUID", "series"),
           ("FrameOfReferenceUID", "frames of reference"), ("SOPClassUID", "SOP classes"))
@@ -91,6 +97,15 @@ def read_headers(files: Sequence[str], folder: Path) -> List:
         text = str(exc).strip().splitlines()
         raise InputError(f"cannot read the DICOM files in {folder} ({text[-1][:160] if text else type(exc).__name__})"
                          ) from None
+
+
+def fill_type2(datasets: Sequence) -> None:
+    """Give each header (in memory; the files are not touched) an empty value for each :data:`TYPE2_COPIED`
+    attribute it lacks, so that the SEG copies it as the empty Type 2 value the standard allows."""
+    for ds in datasets:
+        for attribute in TYPE2_COPIED:
+            if attribute not in ds:
+                setattr(ds, attribute, "")
 
 
 def check_seg_datasets(datasets: Sequence, folder: Path) -> None:

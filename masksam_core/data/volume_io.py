@@ -387,13 +387,14 @@ def write_dicom_seg(labelmap: sitk.Image, dicom_folder: os.PathLike, path: os.Pa
     from pydicom.sr.codedict import codes
 
     from .. import __version__
-    from .dicom_seg_check import check_built_seg, check_seg_datasets, read_headers
+    from .dicom_seg_check import check_built_seg, check_seg_datasets, fill_type2, read_headers
     from .geometry import same_grid
 
     folder = Path(dicom_folder)
     files = _series_files(folder, series_uid)
     datasets = read_headers(files, folder)
     check_seg_datasets(datasets, folder)
+    fill_type2(datasets)  # an anonymiser may have removed what the SEG copies as Type 2: empty is valid
     ref_image, _ = _read_series(files, folder)
     if ref_image.GetDimension() != 3 or not same_grid(ref_image, labelmap, tol=1e-3):
         raise InputError("the labelmap does not lie on the DICOM series' grid (size, spacing, origin, direction); "
