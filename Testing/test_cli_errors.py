@@ -69,6 +69,25 @@ def test_run_cli_names_the_door_from_its_module_and_keeps_user_errors_at_code_2(
     assert len(list((tmp_path / "cache" / "logs").glob("masksam-*.log"))) == 2
 
 
+def test_only_the_newest_logs_are_kept(tmp_path, capsys, monkeypatch):
+    import os
+
+    from masksam_core.cli_util import KEEP_LOGS
+
+    logs = tmp_path / "cache" / "logs"
+    logs.mkdir(parents=True)
+    for k in range(KEEP_LOGS + 3):
+        old = logs / f"masksam-20200101-0000{k:02d}.log"
+        old.write_text("old")
+        os.utime(old, (1_600_000_000 + k, 1_600_000_000 + k))
+    monkeypatch.setenv("MASKSAM_CACHE", str(tmp_path / "cache"))
+    assert run_cli(_boom, [], name="evaluate") == 1
+    kept = sorted(p.name for p in logs.glob("masksam-*.log"))
+    assert len(kept) == KEEP_LOGS and "masksam-20200101-000000.log" not in kept
+    assert any("RuntimeError" in p.read_text() for p in logs.glob("masksam-*.log"))
+    capsys.readouterr()
+
+
 def test_a_log_that_cannot_be_written_still_gives_one_line(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

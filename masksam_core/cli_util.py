@@ -91,7 +91,8 @@ def log_folder() -> Path:
 def write_failure_log(door: str, text: str) -> Optional[Path]:
     """Write ``text`` (a traceback and what ran) to a new ``masksam-YYYYmmdd-HHMMSS.log`` in :func:`log_folder`,
     atomically (a temporary file renamed into place, never over an older log); the path, or None when no log
-    could be written (then the caller says so rather than failing a second time)."""
+    could be written (then the caller says so rather than failing a second time). Only the newest
+    :data:`KEEP_LOGS` logs are kept, so the folder cannot grow without end."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         folder = log_folder()
@@ -103,11 +104,24 @@ def write_failure_log(door: str, text: str) -> Optional[Path]:
             target = folder / (f"masksam-{stamp}.log" if k == 1 else f"masksam-{stamp}-{k}.log")
             if not target.exists():
                 os.replace(tmp, target)
+                try:
+                    _prune_logs(folder)
+                except OSError:  # an old log that cannot be removed does not matter here
+                    pass
                 return target
         os.unlink(tmp)
     except Exception:  # noqa: BLE001 - a log that cannot be written must not hide the failure itself
         pass
     return None
+
+
+KEEP_LOGS = 20
+
+
+def _prune_logs(folder: Path) -> None:
+    logs = sorted(folder.glob("masksam-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in logs[KEEP_LOGS:]:
+        old.unlink()
 
 
 def _failure_report(door: str, argv: Optional[Sequence[str]]) -> str:
