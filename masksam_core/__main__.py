@@ -45,9 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ask_torch_for_huge_pages()  # as python -m masksam_core.train does, before torch is imported
     from .cli_util import run_cli
 
-    module = importlib.import_module(COMMANDS[name][0])
     sys.argv = ["masksam", name] + rest  # as typed: a training run records its command line in the model card
-    return run_cli(module.main, rest)
+    # the import runs inside run_cli too: a door that fails to import is one line and a log, as a door that fails
+    return run_cli(lambda argv: importlib.import_module(COMMANDS[name][0]).main(argv), rest, name=name)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """``python -m masksam_core.predict``: segment the organs of a CT or MR volume.
 
     python -m masksam_core.predict -i INPUT -o OUTPUT [--model DIR] [--device auto|cpu|cuda] [--fast]
-        [--format nii.gz|nrrd|seg.nrrd|dicom-seg] [--overwrite] [--progress json]
+        [--format nii.gz|nrrd|seg.nrrd|dicom-seg] [--organs liver,spleen,...] [--overwrite] [--progress json]
 
 INPUT is a NIfTI, NRRD or MHA file, a DICOM series folder (the largest series, or ``--series-uid``), or a folder of
 volume files (batch: OUTPUT is then a folder with one result per input). The labelmap is written on exactly the
 input grid, atomically, with a JSON sidecar (OUTPUT with ``.json``) holding the labels, each organ's volume and
-confidence, the model's identity and the run time. ``--demo`` segments TotalSegmentator's example CT.
+confidence, the model's identity and the run time. ``--organs`` segments and writes only the organs named (the
+model card's class names, as TotalSegmentator's ``--roi_subset``). ``--demo`` segments TotalSegmentator's example CT.
 """
 from __future__ import annotations
 
@@ -136,15 +137,19 @@ def make_progress(mode: Optional[str]) -> Tuple[Callable[[str, int, int], None],
 
 def write_outputs(labelmap, sidecar: dict, output: Path, fmt: str, card, source: Path, overwrite: bool,
                   series_uid: Optional[str] = None) -> None:
-    """Write the labelmap in ``fmt`` and its JSON sidecar, each atomically."""
+    """Write the labelmap in ``fmt`` and its JSON sidecar, each atomically. A ``.seg.nrrd`` or DICOM SEG holds a
+    segment for each class of the sidecar's ``labels`` (the organs chosen, ``--organs``) that is present."""
+    from .data.dicom_seg_check import check_seg_source
     from .data.volume_io import atomic_output, write_dicom_seg, write_labelmap, write_seg_nrrd
 
+    labels = sidecar.get("labels")
+    classes = card.classes if labels is None else [c for c in card.classes if str(int(c["value"])) in labels]
     if fmt == "seg.nrrd":
-        write_seg_nrrd(labelmap, output, card.classes, overwrite=overwrite)
+        write_seg_nrrd(labelmap, output, classes, overwrite=overwrite)
     elif fmt == "dicom-seg":
         if not source.is_dir():
-            raise InputError("--format dicom-seg needs a DICOM series folder as input")
-        write_dicom_seg(labelmap, source, output, card.classes, overwrite=overwrite, series_uid=series_uid)
+            check_seg_source(source)  # the one-line refusal; a folder's series is checked by write_dicom_seg
+        write_dicom_seg(labelmap, source, output, classes, overwrite=overwrite, series_uid=series_uid)
     else:
         write_labelmap(labelmap, output, overwrite=overwrite)
     with atomic_output(sidecar_path(output), overwrite=True) as tmp:
@@ -161,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="twice the model's z spacing and no slab overlap (CPU users; see README's speed section)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from the output's extension)")
+    p.add_argument("--organs", metavar="NAME,NAME,...",
+                   help="segment and write only these organs: the model's class names (e.g. liver,kidney_left,"
+                        "aorta; case-insensitive, display names accepted); a class-bound model decodes only their "
+                        "queries, which is faster")
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to use when the folder holds several series")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--progress", choices=("bar", "json"), default="bar", help="progress as a bar or JSON lines")
@@ -199,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _install_term_handler()
     if args.demo:
+        if args.organs is not None:
+            raise MaskSAMError("--organs does not apply to --demo (it compares every organ with the sample's "
+                               "labels); segment the sample with -i to choose organs")
         from .demo import run_demo
 
         return run_demo(args)
@@ -210,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_dir = resolve_model_dir(args.model)
     jobs = plan_jobs(Path(args.input), Path(args.output), args.format)
     _check_outputs(jobs, args.overwrite)
+    _check_dicom_seg_sources(jobs, args.series_uid)  # before any model work: a SEG needs a source it can reference
     report, close = make_progress(args.progress)
     # A second thread reads and prepares each volume (SimpleITK and numpy release the GIL): the first while torch,
     # OpenVINO and the model load, each later one while the previous is segmented (see inference/preprocess.py).
@@ -221,13 +234,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .model.card import ModelCard
 
         device = resolve_device(args.device)
+        from .inference.organs import parse_organs, resolve_organs
+
         card = ModelCard.read(model_dir)
         overlap = {} if args.overlap is None else {"overlap": args.overlap}
         options = InferenceOptions(device=str(device), fast=args.fast, prune_empty_queries=not args.no_prune,
                                    skip_background_query=not args.decode_background_query,
                                    cleanup=args.cleanup, precision=args.precision, runtime=args.runtime,
-                                   atlas_prior=not args.no_atlas, **overlap)
+                                   atlas_prior=not args.no_atlas,
+                                   organs=None if args.organs is None else parse_organs(args.organs), **overlap)
         effective_overlap(options)  # a bad --overlap is an error before the model loads
+        resolve_organs(card, options.organs)  # and so is an organ the model does not know
         preparing = pool.submit(_prepare_when_read, reading, card, options)
         model, _ = load_model(model_dir, device=str(device), sam_checkpoint=args.sam_checkpoint)  # `card` above
         resume_garbage_collector()  # paused while starting, when run as a command (see cli_util)
@@ -257,6 +274,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         close()
         pool.shutdown(wait=True, cancel_futures=True)
     return 0
+
+
+def _check_dicom_seg_sources(jobs, series_uid: Optional[str]) -> None:
+    """``data.dicom_seg_check.check_seg_source`` for each job that writes a DICOM SEG."""
+    from .data.dicom_seg_check import check_seg_source
+
+    for src, _, fmt in jobs:
+        if fmt == "dicom-seg":
+            check_seg_source(src, series_uid)
 
 
 def _prepare_when_read(reading: "Future", card, options):

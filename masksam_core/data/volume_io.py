@@ -379,18 +379,22 @@ def write_dicom_seg(labelmap: sitk.Image, dicom_folder: os.PathLike, path: os.Pa
 
     ``labelmap`` must lie on the grid of the series (the largest in ``dicom_folder``, or ``series_uid``), as
     :func:`read_volume` returns it. Segments carry the class's display name, SNOMED CT category, type and
-    laterality modifier, and its colour. InputError when the folder holds no such series, the grids differ or
-    no class is present.
+    laterality modifier, and its colour. InputError when the folder holds no such series, the series' images lack
+    the UIDs a SEG must reference (``dicom_seg_check``: checked before reading the pixels), the grids differ or
+    no class is present; OutputError, with nothing written, when the SEG built does not reference its source.
     """
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
     from .. import __version__
+    from .dicom_seg_check import check_built_seg, check_seg_datasets, fill_type2, read_headers
     from .geometry import same_grid
 
     folder = Path(dicom_folder)
     files = _series_files(folder, series_uid)
+    datasets = read_headers(files, folder)
+    check_seg_datasets(datasets, folder)
+    fill_type2(datasets)  # an anonymiser may have removed what the SEG copies as Type 2: empty is valid
     ref_image, _ = _read_series(files, folder)
     if ref_image.GetDimension() != 3 or not same_grid(ref_image, labelmap, tol=1e-3):
         raise InputError("the labelmap does not lie on the DICOM series' grid (size, spacing, origin, direction); "
@@ -399,10 +403,6 @@ def write_dicom_seg(labelmap: sitk.Image, dicom_folder: os.PathLike, path: os.Pa
     present = [e for e in sorted(classes, key=lambda e: int(e["value"])) if (arr == int(e["value"])).any()]
     if not present:
         raise InputError("nothing was segmented: a DICOM SEG needs at least one segment")
-    try:
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
-        raise InputError(f"cannot read the DICOM files in {folder} ({_first_line(exc)})") from None
     algorithm = hd.AlgorithmIdentificationSequence(name="MaskSAM", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
@@ -434,6 +434,7 @@ def write_dicom_seg(labelmap: sitk.Image, dicom_folder: os.PathLike, path: os.Pa
     except (ValueError, AttributeError, TypeError) as exc:
         raise InputError(f"cannot build a DICOM SEG for the series in {folder} ({_first_line(exc)})") from None
     target = Path(path)
+    check_built_seg(seg, datasets, target)
     with atomic_output(target, overwrite) as tmp:
         seg.save_as(str(tmp))
     return target

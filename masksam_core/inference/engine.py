@@ -35,6 +35,7 @@ from ..errors import InputError, MaskSAMWarning
 from ..model.card import ModelCard
 from ..model.masksam import MaskSAM, semantic_probabilities
 from .allocator import tune_allocator
+from .organs import is_class_bound, resolve_organs, selection_record, unchosen_queries
 from .preprocess import ModelSpaceVolume, model_spacing, prepare_volume
 from .slabs import depth_weights, plane_weights, window_starts
 
@@ -73,6 +74,8 @@ class InferenceOptions:
         cases among 0, 0.3 and 0.5: mean Dice 0.757, 0.776 and 0.795 (SAM's masks lose to a good registration on
         the proxies' own anatomy, so larger weights were not tried: they would stop SAM from correcting a real
         patient's registration).
+    organs: the class names (or display names) to segment, None for all (``inference.organs``): a class-bound
+        model decodes only their queries; only they are in the labelmap and the sidecar's ``labels``.
     """
 
     device: str = "auto"
@@ -92,6 +95,7 @@ class InferenceOptions:
     prior_class: str = "prior"
     prior_weight: float = 0.5
     prior_sigma_mm: float = 4.0
+    organs: Optional[List[str]] = None
 
 
 MAX_OVERLAP = 0.75
@@ -173,7 +177,8 @@ def largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def skipped_queries(card: ModelCard, options: InferenceOptions) -> List[int]:
-    """Queries the engine never decodes: [0] or [].
+    """Queries the engine never decodes: the background's (below) and, when ``options.organs`` chooses organs, a
+    class-bound model's queries of the other organs (``organs.unchosen_queries``).
 
     A class-bound model (``training.matching`` "class_bound": query c answers for class c) has one query for the
     background, class 0. Under a background threshold the background channel is the constant threshold, so that
@@ -182,10 +187,11 @@ def skipped_queries(card: ModelCard, options: InferenceOptions) -> List[int]:
     when ``options.skip_background_query`` (and ``options.background_threshold`` is set); measured in
     ``benchmarks/bench_predict.py --settings default,decode-background``.
     """
+    skip = []
     if (options.skip_background_query and options.background_threshold is not None
             and card.training.get("matching") == "class_bound"):
-        return [0]
-    return []
+        skip = [0]
+    return skip + unchosen_queries(card, resolve_organs(card, options.organs), card.num_queries)
 
 
 class _FeatureCache:
@@ -320,15 +326,19 @@ class SlabEngine:
 
 
 def segment(image: sitk.Image, model: MaskSAM, card: ModelCard, options: Optional[InferenceOptions] = None,
-            progress: Optional[ProgressFn] = None) -> Tuple[sitk.Image, Dict]:
+            progress: Optional[ProgressFn] = None, organs: Optional[Sequence[str]] = None) -> Tuple[sitk.Image, Dict]:
     """Segment ``image`` with ``model``; returns the labelmap on the input grid and the sidecar dict.
 
     The labelmap (uint8) has exactly the input's size, spacing, origin and direction. The sidecar holds
     ``labels`` {value: name}, ``organs`` {name: {volume_ml, confidence, voxels}} for organs found,
     ``model`` (the card's identity), ``runtime_s`` and the options used.
+
+    ``organs``: segment only these (names as in ``InferenceOptions.organs``, which it replaces); label values stay
+    the card's, and the sidecar's ``organ_selection`` says what was chosen and how.
     """
-    options = options or InferenceOptions()
+    options = _with_organs(options or InferenceOptions(), organs)
     effective_overlap(options)  # a bad overlap is an error before any work
+    resolve_organs(card, options.organs)  # so is an unknown organ
     if progress:
         progress("preprocess", 0, 1)
     volume = prepare_input(image, card, options)
@@ -344,11 +354,19 @@ def prepare_input(image: sitk.Image, card: ModelCard, options: InferenceOptions)
                           atlas_prior=options.atlas_prior)
 
 
+def _with_organs(options: InferenceOptions, organs: Optional[Sequence[str]]) -> InferenceOptions:
+    if organs is None:
+        return options
+    return dataclasses.replace(options, organs=[organs] if isinstance(organs, str) else list(organs))
+
+
 def segment_prepared(volume: ModelSpaceVolume, model: MaskSAM, card: ModelCard,
                      options: Optional[InferenceOptions] = None,
-                     progress: Optional[ProgressFn] = None) -> Tuple[sitk.Image, Dict]:
+                     progress: Optional[ProgressFn] = None,
+                     organs: Optional[Sequence[str]] = None) -> Tuple[sitk.Image, Dict]:
     """:func:`segment` on a volume from :func:`prepare_input` (made with the same card and options)."""
-    options = options or InferenceOptions()
+    options = _with_organs(options or InferenceOptions(), organs)
+    chosen = resolve_organs(card, options.organs)
     if volume.spacing != model_spacing(card, options.fast):
         raise ValueError(f"the volume was prepared at {volume.spacing} mm, these options segment at "
                          f"{model_spacing(card, options.fast)} mm")
@@ -368,12 +386,18 @@ def segment_prepared(volume: ModelSpaceVolume, model: MaskSAM, card: ModelCard,
     if progress:
         progress("prepare", 1, 1)
     prior = prior_labels(volume, model, options)
+    if prior is not None and chosen is not None:  # the other organs' prompts are not decoded, nor blended below
+        prior = np.where(np.isin(prior, [int(e["value"]) for e in chosen]), prior, 0).astype(prior.dtype)
     probs = engine.run(volume.region, volume.pad_value, progress, prior=prior,
                        prior_pad_px=options.prior_box_pad_mm / float(volume.spacing[0]))
     if prior is not None and options.prior_weight > 0:
         blend_prior(probs, prior, options.prior_weight, options.prior_sigma_mm / np.array(volume.spacing[::-1]))
+    if chosen is not None:
+        keep_chosen_channels(probs, [int(e["value"]) for e in chosen], card)
     labels_box, conf_box = fuse_labels(probs)
     del probs
+    if chosen is not None:  # a model that is not class-bound decoded every organ: only the chosen are written
+        labels_box[~np.isin(labels_box, [0] + [int(e["value"]) for e in chosen])] = 0
     if options.cleanup:
         labels_box = largest_components(labels_box, model.num_classes)
     labels = np.zeros(volume.shape, np.uint8)
@@ -385,7 +409,9 @@ def segment_prepared(volume: ModelSpaceVolume, model: MaskSAM, card: ModelCard,
     out = resample_to_reference(label_img, volume.image, sitk.sitkNearestNeighbor, 0, extrapolate=True)
     out = sitk.Cast(out, sitk.sitkUInt8)
     runtime = volume.seconds + time.perf_counter() - start
-    sidecar = _sidecar(out, labels_box, conf_box, card, options, runtime)
+    sidecar = _sidecar(out, labels_box, conf_box, card, options, runtime, chosen)
+    if chosen is not None:
+        sidecar["organ_selection"] = selection_record(card, chosen)
     sidecar["encoder_runtime"] = engine.runtime
     sidecar["decoder_runtime"] = engine.decoder_runtime
     sidecar["prompt_generator_runtime"] = engine.prompt_generator_runtime
@@ -412,6 +438,18 @@ def prior_labels(volume: ModelSpaceVolume, model: MaskSAM, options: InferenceOpt
     if model.config.num_queries < model.num_classes:
         return None
     return np.ascontiguousarray(prior.labels[volume.box])
+
+
+def keep_chosen_channels(probs: np.ndarray, values: Sequence[int], card: ModelCard) -> None:
+    """For a class-bound model, zero in place the fused scores (``probs`` (C, Z, Y, X)) of the organs not in
+    ``values``: their own queries were not decoded, so what is left in their channels is only the chosen queries'
+    class softmax leaking onto them, which must not take a voxel. A model that is not class-bound keeps every
+    channel (its labels are filtered after the argmax, so the chosen organs are as in a run of all organs)."""
+    if not is_class_bound(card):
+        return
+    drop = sorted(set(range(1, probs.shape[0])) - set(int(v) for v in values))
+    if drop:
+        probs[drop] = 0.0
 
 
 def blend_prior(probs: np.ndarray, prior: np.ndarray, weight: float, sigma_vox: np.ndarray) -> None:
@@ -447,7 +485,9 @@ def fuse_labels(probs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, card: ModelCard,
-             options: InferenceOptions, runtime: float) -> Dict:
+             options: InferenceOptions, runtime: float, chosen: Optional[Sequence[Dict]] = None) -> Dict:
+    """The sidecar's core; ``labels`` lists the chosen organs only (all when ``chosen`` is None)."""
+    classes = card.classes if chosen is None else chosen
     size = max(len(card.classes) + 1, 256)
     # torch counts uint8 labels as they are (numpy's bincount widens them to int64 first): 0.15 instead of 0.42 s
     # for 512x512x336 voxels on 2 cores, and no 8 bytes per output voxel
@@ -460,7 +500,7 @@ def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, 
     model_counts = np.bincount(flat, minlength=size)
     conf_sums = np.bincount(flat, weights=conf_model.ravel().astype(np.float64), minlength=size)
     organs = {}
-    for entry in card.classes:
+    for entry in classes:
         v = int(entry["value"])
         if counts[v] == 0:
             continue
@@ -468,7 +508,7 @@ def _sidecar(out: sitk.Image, labels_model: np.ndarray, conf_model: np.ndarray, 
         organs[entry["name"]] = {"value": v, "volume_ml": round(float(counts[v]) * voxel_ml, 3),
                                  "confidence": None if conf is None else round(conf, 4), "voxels": int(counts[v])}
     return {
-        "labels": {str(k): v for k, v in card.labels().items()},
+        "labels": {str(int(e["value"])): e["name"] for e in classes},
         "organs": organs,
         "model": card.identity(),
         "options": asdict(options),
