@@ -3,7 +3,9 @@
 Every problem a user can cause (a missing file, a 2D image, a checkpoint for
 another backbone...) is raised as :class:`MaskSAMError` (or a subclass) with a
 one-line message naming the problem. The command-line doors catch it, print
-``error: <message>`` and exit with code 2, without a traceback.
+``error: <message>`` and exit with code 2, without a traceback. Any other exception
+is a bug, not the user's doing: the doors print one line naming it and the log file
+that holds its traceback (``cli_util.run_cli``), and exit with code 1.
 """
 from __future__ import annotations
 
