@@ -32,7 +32,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -281,8 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def join_box_value(argv: Sequence[str]) -> List[str]:
+    """``--box -12,3,...`` as ``--box=-12,3,...``: argparse takes a value that starts with "-" and is not a plain
+    number for an option, and an LPS box often starts with a negative coordinate."""
+    out: List[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] == "--box" and i + 1 < len(items):
+            out.append(f"--box={items[i + 1]}")
+            i += 2
+            continue
+        out.append(items[i])
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    import sys
+
+    args = build_parser().parse_args(join_box_value(sys.argv[1:] if argv is None else argv))
     from .data.volume_io import read_volume, write_labelmap
     from .inference.engine import InferenceOptions, prepare_input, resolve_device
     from .model.folder import load_model
