@@ -4,6 +4,7 @@ is one clear error. A tiny random-weight class-bound model keeps it fast; one sl
 TotalSegmentator's example CT."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from masksam_core.labels import class_entries
 from masksam_core.model.card import make_card
 from masksam_core.model.masksam import MaskSAM
 from masksam_core.model.recipes import architecture_for_recipe
-from masksam_core.refine import box_index_range, organ_value, parse_box, refine
+from masksam_core.refine import box_index_range, build_parser, join_box_value, organ_value, parse_box, refine
 from tiny_backbones import tiny_tinyvit_backbone
 
 ORGANS = ["liver", "spleen", "kidney_left"]
@@ -181,6 +182,12 @@ def test_box_mapping_clips_flat_boxes_and_refuses_boxes_outside(tiny):
     with pytest.raises(InputError, match="outside the image.*RAS"):
         box_index_range(image, ras)
     assert parse_box("1,2,3,4,5,6") == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="six numbers"):
+        parse_box("1,2,3")
+    # a box that starts with a negative coordinate is the option's value, not another option
+    assert join_box_value(["--box", "-1,2,3,4,5,6", "-o", "x"]) == ["--box=-1,2,3,4,5,6", "-o", "x"]
+    assert build_parser().parse_args(join_box_value(["-i", "a", "-s", "b", "--organ", "liver", "--box",
+                                                     "-1.5,2,3,4,5,6", "-o", "c"])).box[0] == -1.5
 
 
 def test_bad_inputs_are_one_clear_error(tiny):
@@ -238,7 +245,8 @@ def test_command_line_writes_once_and_errors_in_one_line(tiny_folder, tmp_path, 
     assert "exists; use --overwrite" in capsys.readouterr().err
     assert masksam(["refine"] + args + ["--overwrite", "--progress", "json"]) == 0
     assert '"stage": "segment"' in capsys.readouterr().out
-    assert run_cli(main, args[:4] + ["--organ", "heart", "--box", box, "-o", str(tmp_path / "x.nii.gz")] + args[10:]) == 2
+    bad = args[:4] + ["--organ", "heart", "--box", box, "-o", str(tmp_path / "x.nii.gz")] + args[10:]
+    assert run_cli(main, bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown organ") and err.count("\n") == 1
     assert not (tmp_path / "x.nii.gz").exists()

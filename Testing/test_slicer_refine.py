@@ -130,7 +130,8 @@ def test_the_roi_becomes_the_engines_lps_box(scene):
     assert box == pytest.approx((-12.0, 17.0, 26.0, -8.0, 23.0, 34.0))  # R, A negated into L, P
     assert refine_logic.box_argument(box) == "-12.000,17.000,26.000,-8.000,23.000,34.000"
     cmd = refine_logic.refine_command("py", "in.nrrd", "seg.nrrd", "liver", box, "out.nrrd", "/m", "cpu")
-    assert cmd[:3] == ["py", "-m", "masksam_core.refine"] and "--box=-12.000,17.000,26.000,-8.000,23.000,34.000" in cmd and cmd[-2:] == ["--model", "/m"]
+    assert cmd[:3] == ["py", "-m", "masksam_core.refine"] and cmd[-2:] == ["--model", "/m"]
+    assert "--box=-12.000,17.000,26.000,-8.000,23.000,34.000" in cmd  # one argument: it starts with a "-"
 
 
 def test_segment_organ_by_tag_or_name(scene, model_dir):
@@ -243,3 +244,57 @@ def test_the_real_refine_runs_on_a_tiny_model(scene, tmp_path, monkeypatch):
     after = _mask(node, liver, volume)
     assert np.array_equal(after[:2], liver_before[:2]) and np.array_equal(after[5:], liver_before[5:])
     assert np.array_equal(_mask(node, spleen, volume), spleen_before)
+
+
+def test_the_widgets_refine_and_undo_buttons(monkeypatch, scene, model_dir, tmp_path):
+    """The module's Refine section: the chosen segment is refined by a (fake) engine while the Qt timer polls,
+    only it changes, and Undo refine puts it back; without a box nothing starts."""
+    import time
+    import types
+
+    from slicer_stubs import import_module_without_qt
+    from test_slicer_widgets import ComboBox, Selector, Widget, _fake_qt
+
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    monkeypatch.setattr(mod, "qt", _fake_qt())
+    monkeypatch.setattr(mod.dependencies, "ensure_in_slicer", lambda *a, **k: True)
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text))
+    volume = _volume(scene)
+    node, (liver, spleen) = _segmentation(scene, volume)
+    liver_before, spleen_before = _mask(node, liver, volume), _mask(node, spleen, volume)
+    roi = _roi(scene, volume, (4, 3, 2), (6, 8, 4))
+    script = tmp_path / "fake_refine.py"
+    script.write_text(FAKE_REFINE)
+
+    def fake(python, *args):
+        return [sys.executable, str(script)] + refine_logic.refine_command(python, *args)[3:]
+
+    widget = mod.MaskSAMSegmentWidget.__new__(mod.MaskSAMSegmentWidget)
+    mod.MaskSAMSegmentWidget.__init__(widget)
+    widget.logic = mod.MaskSAMSegmentLogic()
+    real_start = widget.logic.startRefine
+    widget.logic.startRefine = lambda *a, **k: real_start(*a, **k, engine=fake)
+    segment_selector = Selector(node)
+    segment_selector.currentSegmentID = lambda: liver
+    widget.ui = types.SimpleNamespace(
+        inputVolumeSelector=Selector(volume), refineSegmentSelector=segment_selector, refineRoiSelector=Selector(),
+        modelComboBox=ComboBox([("m", model_dir)]), deviceComboBox=ComboBox([("cpu", "cpu")]),
+        refineButton=Widget(), undoRefineButton=Widget(enabled=False), cancelButton=Widget(), statusLabel=Widget(),
+        progressBar=Widget(), segmentButton=Widget())
+    widget.onRefine()  # no box yet
+    assert widget.refineRun is None and errors == ["To refine, choose a box (ROI)."]
+    widget.ui.refineRoiSelector.setCurrentNode(roi)
+    widget.onRefine()
+    assert widget.refineRun is not None and widget.refineTimer.active and not widget.ui.refineButton.enabled
+    deadline = time.monotonic() + 30
+    while widget.refineRun is not None and time.monotonic() < deadline:
+        widget.onRefinePoll()
+        time.sleep(0.05)
+    assert widget.refineRun is None and not widget.refineTimer.active, widget.ui.statusLabel.text
+    assert widget.ui.statusLabel.text.startswith("Refined:") and widget.ui.undoRefineButton.enabled
+    after = _mask(node, liver, volume)
+    assert (after[2:5, 3:9, 4:7]).all() and not after[2:5, 2].any()  # into the box on its slices
+    assert np.array_equal(after[5:], liver_before[5:]) and np.array_equal(_mask(node, spleen, volume), spleen_before)
+    widget.onUndoRefine()
+    assert np.array_equal(_mask(node, liver, volume), liver_before) and not widget.ui.undoRefineButton.enabled
