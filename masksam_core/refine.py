@@ -201,8 +201,9 @@ def _to_input_grid(array_zyx: np.ndarray, volume: "ModelSpaceVolume", resample) 
     return sitk.GetArrayFromImage(resample(image, volume.image, sitk.sitkNearestNeighbor, 0, extrapolate=True))
 
 
-def _label_array(segmentation: sitk.Image, image: sitk.Image) -> np.ndarray:
-    """The segmentation's integer (z, y, x) array, after checking that it lies on ``image``'s grid."""
+def check_segmentation_grid(segmentation: sitk.Image, image: sitk.Image) -> None:
+    """An InputError unless ``segmentation`` is a 3D scalar labelmap on exactly ``image``'s grid (size, spacing,
+    origin and direction, to ``geometry.same_grid``'s tolerance)."""
     from .data.geometry import same_grid
 
     if segmentation.GetDimension() != 3 or segmentation.GetNumberOfComponentsPerPixel() != 1:
@@ -213,6 +214,11 @@ def _label_array(segmentation: sitk.Image, image: sitk.Image) -> np.ndarray:
                          f"{[round(v, 2) for v in segmentation.GetOrigin()]}) differs from the image's (size "
                          f"{list(image.GetSize())}, spacing {[round(v, 4) for v in image.GetSpacing()]}, origin "
                          f"{[round(v, 2) for v in image.GetOrigin()]}): give the segmentation made for this image")
+
+
+def _label_array(segmentation: sitk.Image, image: sitk.Image) -> np.ndarray:
+    """The segmentation's integer (z, y, x) array, after checking that it lies on ``image``'s grid."""
+    check_segmentation_grid(segmentation, image)
     arr = sitk.GetArrayFromImage(segmentation)
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.array_equal(arr, np.round(arr)):
@@ -247,8 +253,8 @@ def refine(image: sitk.Image, segmentation: sitk.Image, organ: Union[str, int], 
         raise MaskSAMError("a loaded model needs its card: refine(..., model=model, card=card)")
     value = organ_value(card, organ)
     check_class_bound(model, card, value)
+    check_segmentation_grid(segmentation, image)  # before the work of preparing the volume
     volume = prepare_input(image, card, refine_options(options))
-    _label_array(segmentation, volume.image)
     result, _ = refine_prepared(volume, segmentation, model, card, value, box_mm, options, take_from_others,
                                 progress)
     return result
@@ -318,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         segmentation = sitk.ReadImage(str(seg_path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {seg_path.name} as a labelmap ({str(exc).strip().splitlines()[-1]})") from None
+    check_segmentation_grid(segmentation, image)
     device = resolve_device(args.device)
     model, card = load_model(resolve_model_dir(args.model), device=str(device), sam_checkpoint=args.sam_checkpoint)
     value = organ_value(card, args.organ)
