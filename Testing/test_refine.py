@@ -250,6 +250,8 @@ def test_command_line_writes_once_and_errors_in_one_line(tiny_folder, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: unknown organ") and err.count("\n") == 1
     assert not (tmp_path / "x.nii.gz").exists()
+    assert run_cli(main, args[:8] + ["-o", str(tmp_path / "x.png")] + args[10:]) == 2  # before any work
+    assert "cannot write a labelmap as x.png" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""Refine one organ of a segmentation with a box: ``refine(...)`` and ``python -m masksam_core.refine``.
+"""Refine one organ of a segmentation with a box: the organ is re-decoded there with the box as SAM's prompt.
+
+API: :func:`refine`; command line: ``python -m masksam_core.refine`` (or ``masksam refine``)::
 
     python -m masksam_core.refine -i CT -s SEG --organ liver --box x0,y0,z0,x1,y1,z1 -o OUT [--model DIR]
         [--overwrite] [--take-from-others] [--progress json]
@@ -307,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import sys
 
     args = build_parser().parse_args(join_box_value(sys.argv[1:] if argv is None else argv))
-    from .data.volume_io import read_volume, write_labelmap
+    from .data.volume_io import LABELMAP_SUFFIXES, read_volume, write_labelmap
     from .inference.engine import InferenceOptions, prepare_input, resolve_device
     from .model.folder import load_model
     from .predict import _install_term_handler, make_progress, resolve_model_dir
@@ -316,6 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise MaskSAMError(f"{output} exists; use --overwrite to replace it")
+    if not output.name.lower().endswith(LABELMAP_SUFFIXES) or output.name.lower().endswith(".seg.nrrd"):
+        raise MaskSAMError(f"cannot write a labelmap as {output.name}: use one of {', '.join(LABELMAP_SUFFIXES)}")
     image = read_volume(args.input)
     seg_path = Path(args.segmentation)
     if not seg_path.is_file():
