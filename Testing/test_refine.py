@@ -115,6 +115,35 @@ def test_the_box_in_lps_mm_prompts_the_canvas_region_that_shows_the_organ(tiny, 
     assert prompted >= 3  # slices 4-6, each decoded by every slab that holds it
 
 
+def test_on_a_volume_wider_than_a_tile_each_tile_is_prompted_with_its_part_of_the_box(tiny, monkeypatch):
+    """100 voxels wide at the tiny model's 64-px tiles: model-space tiles start at column 0, 32 and 36; the box's
+    part in each tile is where that tile's canvas shows the block."""
+    model, card = tiny
+    arr = np.zeros((6, 40, 100), np.float32)
+    arr[1:5, 8:20, 50:90] = 200.0
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((2.0, 2.0, 4.0))
+    image.SetOrigin(ORIGIN)
+    image.SetDirection(DIRECTION)
+    seg = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    seg.CopyInformation(image)
+    calls = _spy(model, monkeypatch)
+    refine(image, seg, "liver", _box_mm(image, (50, 89), (8, 19), (2, 3)), model=model, card=card, options=OPTS)
+    prompted = set()
+    for call in calls:
+        present = call["prior"]["present"][0]
+        for d in torch.nonzero(present[:, LIVER]).flatten().tolist():
+            x0, y0, x1, y1 = (call["prior"]["boxes"][0, d, LIVER] * 64).round().int().tolist()
+            bright = _bright(call["image"][d])
+            inside = torch.zeros_like(bright)
+            inside[y0:y1, x0:x1] = True
+            assert (bright == inside).all()
+            prompted.add((x0, x1))
+    # model space is LPS: the stored x flip puts the block (input i 50-89) on model columns 10-49, which tile 0
+    # shows at canvas 10-49, tile 32 at 0-17 and tile 36 at 0-13
+    assert prompted == {(10, 50), (0, 18), (0, 14)}
+
+
 def test_only_the_organ_changes_and_only_on_the_boxs_slices(tiny, monkeypatch):
     model, card = tiny
     image, seg = _scan()
