@@ -335,3 +335,24 @@ def _s1_labels(folder: Path, card) -> sitk.Image:
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(labels)
     return image
+
+
+def test_the_slicer_modules_box_and_command_line_need_no_slicer():
+    """MaskSAMSegment's refine helpers that touch no MRML (ROI bounds -> LPS box, the command line) import and work
+    without Slicer, Qt or VTK (RAS -> LPS: x and y negated)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "MaskSAMSegment"
+    code = (f"import sys\nsys.modules['slicer'] = sys.modules['qt'] = sys.modules['vtk'] = None\n"
+            f"sys.path.insert(0, {str(root)!r})\n"
+            "from MaskSAMSegmentLib import refine_logic as r\n"
+            "class Roi:\n"
+            "    def GetRASBounds(self, b):\n"
+            "        b[:] = [8.0, 12.0, -23.0, -17.0, 26.0, 34.0]\n"
+            "box = r.roi_box_lps(Roi())\n"
+            "assert box == (-12.0, 17.0, 26.0, -8.0, 23.0, 34.0), box\n"
+            "cmd = r.refine_command('py', 'i.nrrd', 's.nrrd', 'liver', box, 'o.nrrd', None, 'cpu')\n"
+            "assert '--box=-12.000,17.000,26.000,-8.000,23.000,34.000' in cmd and '--model' not in cmd, cmd\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,7 +1,8 @@
 """Refine one segment with a box (a markups ROI): MRML in, ``python -m masksam_core.refine`` as a child process,
 that segment's new content back, undoable.
 
-Plain Python on MRML (no Qt), so that it is tested against slicer-core. The steps:
+Plain Python on MRML (no Qt), so that it is tested against slicer-core; Slicer is imported only by the functions
+that touch MRML, so that the ROI conversion and the command line are tested without it. The steps:
 
 1. :func:`roi_box_lps`: the ROI's world bounds (RAS) as the engine's box, ``x0,y0,z0,x1,y1,z1`` in LPS mm
    (x and y negated);
@@ -18,9 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import slicer
-
-from . import engine_process, models, mrml_io
+from . import engine_process, models
 
 OTHER_VALUE = 255  # label of "another organ" in the labelmap refine reads (never a class value: at most 254)
 CLASS_TAG = "MaskSAM.ClassName"
@@ -65,6 +64,9 @@ def write_refine_inputs(volume_node, segmentation_node, segment_id: str, value: 
     the chosen segment is, :data:`OTHER_VALUE` where another segment is and the chosen one is not) in ``workdir``;
     returns their paths."""
     import numpy as np
+    import slicer
+
+    from . import mrml_io
 
     workdir = Path(workdir)
     src = mrml_io.write_volume_node(volume_node, str(workdir / "input.nrrd"))
@@ -143,12 +145,15 @@ class RefineUndo:
 
 def segment_mask(segmentation_node, segment_id: str, volume_node):
     """The segment as a bool (k, j, i) array on the volume's grid."""
+    from . import mrml_io
+
     return next(mrml_io.segment_masks_on_volume_grid(segmentation_node, volume_node, [segment_id]))[1]
 
 
 def _set_segment(segmentation_node, segment_id: str, volume_node, mask) -> None:
     """Replace the segment's content with ``mask`` ((k, j, i) on the volume's grid)."""
     import numpy as np
+    import slicer
 
     scene = volume_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -165,6 +170,8 @@ def _set_segment_from_labelmap(segmentation_node, segment_id: str, labelmap) -> 
     the labelmap's own geometry onto the segmentation's (Slicer may read a file onto a flipped index grid: a
     left-handed one is made right-handed). ``slicer.util``'s helper needs ``slicer.modules``, which only the
     application has."""
+    import slicer
+
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     image = logic.CreateOrientedImageDataFromVolumeNode(labelmap)
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
@@ -177,6 +184,9 @@ def apply_refined(result_path: str, volume_node, segmentation_node, segment_id: 
     """Replace the segment's content with the voxels of ``value`` in the refine result (a labelmap on the volume's
     grid); the previous content goes on ``undo`` first. Returns the segment's voxel count."""
     import numpy as np
+    import slicer
+
+    from . import mrml_io
 
     scene = volume_node.GetScene()
     labelmap = mrml_io.read_labelmap_node(scene, result_path, "MaskSAM refined")
