@@ -15,6 +15,12 @@ out exactly as it lays out the image (body crop, tiles, the centring of small re
 organ's mask over overlapping slabs, and the organ is where the blended score exceeds the card's background
 threshold (0.5 without one, i.e. SAM's sigmoid > 0.5).
 
+Why no mask prompt: on TotalSegmentator's example CT (s1, the bundled model's training subject, so the numbers are
+optimistic) with the liver, spleen or left kidney deleted on 5 slices at two heights each and a box around the
+truth there, the organ's mean Dice on those slices was 0.948 with the box alone, 0.949 with the prompt generator's
+mask as SAM's mask prompt and 0.952 with the box's rectangle as the mask prompt: no difference worth a choice, so
+SAM gets what the user gave, the box. Each refinement took about 12 s on 2 CPU cores with the model loaded.
+
 Coordinates: ``box_mm`` is (x0, y0, z0, x1, y1, z1) in physical LPS millimetres, as ITK, SimpleITK and the engine's
 files use them (x grows to the patient's left, y to posterior, z to superior); the order of each pair does not
 matter. Slicer shows RAS: a point (R, A, S) there is (-R, -A, S) here. On an oblique image the box is the model
