@@ -128,6 +128,10 @@ def test_the_roi_becomes_the_engines_lps_box(scene):
     roi.SetSize(4.0, 6.0, 8.0)
     box = refine_logic.roi_box_lps(roi)
     assert box == pytest.approx((-12.0, 17.0, 26.0, -8.0, 23.0, 34.0))  # R, A negated into L, P
+    with pytest.raises(ValueError, match="not been placed"):
+        refine_logic.roi_box_lps(scene.AddNewNodeByClass("vtkMRMLMarkupsROINode"))
+    roi.SetSize(4.0, 6.0, 0.0)  # drawn on one axial slice
+    assert refine_logic.roi_box_lps(roi) == pytest.approx((-12.0, 17.0, 30.0, -8.0, 23.0, 30.0))
     assert refine_logic.box_argument(box) == "-12.000,17.000,26.000,-8.000,23.000,34.000"
     cmd = refine_logic.refine_command("py", "in.nrrd", "seg.nrrd", "liver", box, "out.nrrd", "/m", "cpu")
     assert cmd[:3] == ["py", "-m", "masksam_core.refine"] and cmd[-2:] == ["--model", "/m"]

@@ -27,9 +27,15 @@ CLASS_TAG = "MaskSAM.ClassName"
 
 def roi_box_lps(roi_node) -> Tuple[float, float, float, float, float, float]:
     """The ROI's axis-aligned world bounds as (x0, y0, z0, x1, y1, z1) in LPS mm: Slicer's RAS with x and y
-    negated (each pair ordered low to high)."""
-    b = [0.0] * 6
+    negated (each pair ordered low to high). A ValueError for an ROI without extent in R and A (not placed yet:
+    its bounds are all zero); one flat along S (drawn on one axial slice) is a box on that slice."""
+    import math
+
+    b = [math.nan] * 6
     roi_node.GetRASBounds(b)  # [R min, R max, A min, A max, S min, S max], world coordinates
+    if not all(math.isfinite(v) for v in b) or not (b[1] - b[0] > 0 and b[3] - b[2] > 0 and b[5] >= b[4]):
+        raise ValueError("the box (ROI) has not been placed yet, or is flat across the slices: place it over the "
+                         "organ in an axial slice view")
     return (-b[1], -b[3], b[4], -b[0], -b[2], b[5])
 
 
