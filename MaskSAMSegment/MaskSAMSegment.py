@@ -14,7 +14,7 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MaskSAMSegmentLib import dependencies, dicom_seg, engine_process, models, mrml_io  # noqa: E402
+from MaskSAMSegmentLib import dependencies, dicom_seg, engine_process, models, mrml_io, refine_logic  # noqa: E402
 
 
 class MaskSAMSegment(ScriptedLoadableModule):
@@ -26,7 +26,8 @@ class MaskSAMSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment all organs of a CT or MR volume without prompts, with MaskSAM (Segment Anything adapted to 3D). "
             "Choose the volume and a model, click <b>Segment all organs</b>, then correct the result in Segment "
-            "Editor. Research use only, not for clinical use. "
+            "Editor, or refine one organ: pick its segment, place a box (ROI) around it on a few slices and click "
+            "<b>Refine</b>. Research use only, not for clinical use. "
             '<a href="https://github.com/masksam/SlicerMaskSAM">Documentation</a>.')
         self.parent.acknowledgementText = (
             "MaskSAM: Xie et al., arXiv 2403.14103. Segment Anything (Meta AI, Apache-2.0); LiteMedSAM "
@@ -49,6 +50,12 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
+        self.refineRun = None  # refining one segment with a box (see "refine one organ with a box" below)
+        self.refinePending = None
+        self.refineUndo = refine_logic.RefineUndo()
+        self.refineTimer = qt.QTimer()
+        self.refineTimer.setInterval(200)
+        self.refineTimer.connect("timeout()", self.onRefinePoll)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -74,6 +81,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
+        self.setupRefine()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
@@ -142,8 +150,12 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         """The module or Slicer is closing: stop a running engine (it must not outlive the module)."""
         self.timer.stop()
+        self.refineTimer.stop()
         if self.run is not None:
             run, self.run = self.run, None
+            run.cancel(grace_s=2.0)
+        if self.refineRun is not None:
+            run, self.refineRun = self.refineRun, None
             run.cancel(grace_s=2.0)
         self.removeObservers()
 
@@ -237,6 +249,8 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- running ------------------------------------------------------------------------------------------------
     def onSegment(self):
+        if self.refineRun is not None:  # one engine at a time
+            return
         if not dependencies.ensure_in_slicer("MaskSAM Segment"):
             self.ui.statusLabel.text = "Not started: required Python packages are missing."
             return
@@ -302,10 +316,104 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self):
         """Ask the engine to stop; the timer keeps polling, kills the tree after the grace period and reports."""
-        if self.run is not None and not self.run.cancelled:
-            self.run.request_stop(self.CANCEL_GRACE_S)
-            self.ui.cancelButton.enabled = False
-            self.ui.statusLabel.text = "Cancelling..."
+        for run in (self.run, self.refineRun):
+            if run is not None and not run.cancelled:
+                run.request_stop(self.CANCEL_GRACE_S)
+                self.ui.cancelButton.enabled = False
+                self.ui.statusLabel.text = "Cancelling..."
+
+    # --- refine one organ with a box ---------------------------------------------------------------------------
+    def setupRefine(self):
+        self.ui.refineButton.connect("clicked(bool)", self.onRefine)
+        self.ui.undoRefineButton.connect("clicked(bool)", self.onUndoRefine)
+        self.ui.placeBoxButton.connect("clicked(bool)", self.onPlaceBox)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputForRefine)
+        self.ui.undoRefineButton.enabled = False
+
+    def onOutputForRefine(self, node):
+        """The segmentation just made (or chosen as the output) is the one to refine."""
+        if node is not None:
+            self.ui.refineSegmentSelector.setCurrentNode(node)
+
+    def onPlaceBox(self):
+        """A new markups ROI, selected, in place mode: the user drags it over the organ in a slice view."""
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MaskSAM box")
+        roi.CreateDefaultDisplayNodes()
+        self.ui.refineRoiSelector.setCurrentNode(roi)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsROINode")
+        selection.SetActivePlaceNodeID(roi.GetID())
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def onRefine(self):
+        """Re-decode the chosen segment's organ inside the box, with the box as SAM's prompt (engine:
+        ``masksam_core.refine``); only that segment changes, on the box's slices."""
+        if self.run is not None or self.refineRun is not None:
+            self.ui.statusLabel.text = "Wait for the running engine to finish (or cancel it)."
+            return
+        volume = self.ui.inputVolumeSelector.currentNode()
+        segmentation = self.ui.refineSegmentSelector.currentNode()
+        segment_id = self.ui.refineSegmentSelector.currentSegmentID()
+        roi = self.ui.refineRoiSelector.currentNode()
+        model_dir = self.ui.modelComboBox.currentData
+        missing = [what for what, value in (("an input volume", volume), ("a segment", segment_id),
+                                            ("a box (ROI)", roi), ("a model", model_dir)) if not value]
+        if missing or segmentation is None:
+            slicer.util.errorDisplay("To refine, choose " + ", ".join(missing or ["a segmentation"]) + ".")
+            return
+        if not dependencies.ensure_in_slicer("MaskSAM Segment"):
+            self.ui.statusLabel.text = "Not started: required Python packages are missing."
+            return
+        try:
+            self.refineRun, value = self.logic.startRefine(volume, segmentation, segment_id, roi, model_dir,
+                                                           device=self.ui.deviceComboBox.currentText)
+        except Exception as exc:  # not an organ of this model, the inputs could not be written, no engine
+            slicer.util.errorDisplay(f"MaskSAM could not refine: {exc}")
+            return
+        self.refinePending = (volume, segmentation, segment_id, value)
+        self.ui.refineButton.enabled = False
+        self.ui.cancelButton.enabled = True
+        self.ui.statusLabel.text = "Refining..."
+        self.refineTimer.start()
+
+    def onRefinePoll(self):
+        if self.refineRun is None:
+            self.refineTimer.stop()
+            return
+        code = self.refineRun.poll()
+        progress = self.refineRun.progress
+        if progress and not self.refineRun.cancelled:
+            self.ui.progressBar.setValue(int(100 * progress["fraction"]))
+        if code is None:
+            return
+        self.refineTimer.stop()
+        run, self.refineRun = self.refineRun, None
+        self.ui.cancelButton.enabled = False
+        volume, segmentation, segment_id, value = self.refinePending
+        try:
+            if run.cancelled:
+                self.ui.progressBar.setValue(0)
+                self.ui.statusLabel.text = "Refine cancelled; the segment is unchanged."
+                return
+            if code != 0:
+                self.ui.statusLabel.text = "Refine failed."
+                errors = [line for line in run.log if line.startswith("error:")]
+                slicer.util.errorDisplay(errors[-1] if errors else "MaskSAM refine failed.",
+                                         detailedText=run.log_text()[-20000:])
+                return
+            voxels = self.logic.finishRefine(run, volume, segmentation, segment_id, value, self.refineUndo)
+            self.ui.statusLabel.text = f"Refined: the segment now has {voxels} voxels (Undo refine restores it)."
+        finally:
+            run.cleanup()
+            self.ui.refineButton.enabled = True
+            self.ui.undoRefineButton.enabled = len(self.refineUndo) > 0
+            self.updateButtons()
+
+    def onUndoRefine(self):
+        self.ui.statusLabel.text = ("The last refinement was undone." if self.refineUndo.undo()
+                                    else "Nothing to undo.")
+        self.ui.undoRefineButton.enabled = len(self.refineUndo) > 0
 
     def showTable(self, rows):
         table = self.ui.resultsTable
@@ -398,6 +506,29 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
             if run.wait() != 0:
                 raise RuntimeError("MaskSAM failed:\n" + run.log_text())
             return self.finish(run, volume_node, outputSegmentation)
+        finally:
+            run.cleanup()
+
+    def startRefine(self, volume_node, segmentation_node, segment_id, roi_node, model_dir, device="auto",
+                    engine=None):
+        """Start refining one segment inside a markups ROI; returns (the running EngineRun, the segment's class
+        value). ``engine``: another command builder with ``refine_logic.refine_command``'s arguments (tests)."""
+        return refine_logic.start_refine(volume_node, segmentation_node, segment_id, roi_node, model_dir, device,
+                                         engine)
+
+    def finishRefine(self, run, volume_node, segmentation_node, segment_id, value, undo=None):
+        """Put the refined organ into the segment (its previous content onto ``undo``); returns its voxel count."""
+        return refine_logic.apply_refined(str(run.workdir / "refined.nrrd"), volume_node, segmentation_node,
+                                          segment_id, value, undo)
+
+    def refine(self, volume_node, segmentation_node, segment_id, roi_node, model=None, device="auto", engine=None):
+        """Blocking: refine one segment inside the ROI (console use); returns the segment's voxel count."""
+        model = model or (self.registry.models()[0]["path"] if self.registry.models() else None)
+        run, value = self.startRefine(volume_node, segmentation_node, segment_id, roi_node, model, device, engine)
+        try:
+            if run.wait() != 0:
+                raise RuntimeError("MaskSAM refine failed:\n" + run.log_text())
+            return self.finishRefine(run, volume_node, segmentation_node, segment_id, value)
         finally:
             run.cleanup()
 
