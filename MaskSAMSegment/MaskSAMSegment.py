@@ -77,6 +77,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.outputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
                                (self.ui.deviceComboBox, "currentIndexChanged(int)"),
                                (self.ui.fastCheckBox, "toggled(bool)"),
+                               (self.ui.show3DCheckBox, "toggled(bool)"),
                                (self.ui.samCheckpointPathLineEdit, "currentPathChanged(QString)")):
             widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.cancelButton.enabled = False
@@ -114,6 +115,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device = self.ui.deviceComboBox.findText(node.GetParameter("Device") or "auto")
             self.ui.deviceComboBox.setCurrentIndex(max(device, 0))
             self.ui.fastCheckBox.checked = node.GetParameter("Fast") == "true"
+            self.ui.show3DCheckBox.checked = node.GetParameter("Show3D") != "false"
             self.ui.samCheckpointPathLineEdit.currentPath = node.GetParameter("SamCheckpoint")
         finally:
             self._updatingGUI = False
@@ -132,6 +134,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Model", self.ui.modelComboBox.currentData or "")
         node.SetParameter("Device", self.ui.deviceComboBox.currentText)
         node.SetParameter("Fast", "true" if self.ui.fastCheckBox.checked else "false")
+        node.SetParameter("Show3D", "true" if self.ui.show3DCheckBox.checked else "false")
         node.SetParameter("SamCheckpoint", self.ui.samCheckpointPathLineEdit.currentPath or "")
         node.SetParameter("UncheckedOrgans", ",".join(self.uncheckedOrgans()))
         node.EndModify(wasModified)
@@ -303,7 +306,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = "MaskSAM failed."
                 slicer.util.errorDisplay("MaskSAM failed.", detailedText=run.log_text()[-20000:])
                 return
-            node = self.logic.finish(run, volume, output)
+            node = self.logic.finish(run, volume, output, show_3d=self.ui.show3DCheckBox.checked)
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             self.showTable(self.logic.lastTable)
             self.ui.statusLabel.text = f"Done: {len(self.logic.lastTable)} organs."
@@ -485,11 +488,11 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
                                                   organs=organs)
         return engine_process.EngineRun(build)
 
-    def finish(self, run, volume_node, output_segmentation=None):
+    def finish(self, run, volume_node, output_segmentation=None, show_3d=True):
+        """The engine's output as a segmentation (closed surfaces for the 3D view with ``show_3d``)."""
         labels = run.workdir / "labels.nrrd"
         sidecar = run.workdir / "labels.json"
-        node = mrml_io.import_result(volume_node, str(labels), str(sidecar), output_segmentation)
-        node.CreateClosedSurfaceRepresentation()
+        node = mrml_io.import_result(volume_node, str(labels), str(sidecar), output_segmentation, show_3d=show_3d)
         self.lastTable = mrml_io.organ_table(str(sidecar))
         self.lastWarnings = mrml_io.sidecar_warnings(str(sidecar))
         for message in self.lastWarnings:

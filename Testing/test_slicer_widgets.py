@@ -186,7 +186,7 @@ def segment_widget(monkeypatch, tmp_path):
     widget.removeObservers = lambda: None
     widget.ui = types.SimpleNamespace(
         inputVolumeSelector=Selector(volume), outputSegmentationSelector=Selector(), modelComboBox=ComboBox(),
-        deviceComboBox=ComboBox([("auto", "auto"), ("cpu", "cpu")]), fastCheckBox=Widget(),
+        deviceComboBox=ComboBox([("auto", "auto"), ("cpu", "cpu")]), fastCheckBox=Widget(), show3DCheckBox=Widget(),
         samCheckpointPathLineEdit=Widget(currentPath=""), allOrgansCheckBox=Widget(), organsListWidget=ListWidget(),
         segmentButton=Widget(), cancelButton=Widget(), statusLabel=Widget(), progressBar=Widget(),
         resultsTable=Widget())
@@ -236,6 +236,10 @@ def test_segment_with_an_organ_subset_and_the_parameter_node(segment_widget):
     parameters.SetParameter("Fast", "true")
     widget.updateGUIFromParameterNode()
     assert [i.state for i in widget.ui.organsListWidget.items] == [2, 2, 0] and widget.ui.fastCheckBox.checked
+    assert widget.ui.show3DCheckBox.checked  # 3D surfaces: on unless the scene says otherwise
+    parameters.SetParameter("Show3D", "false")
+    widget.updateGUIFromParameterNode()
+    assert not widget.ui.show3DCheckBox.checked
     # another model: all of its organs checked, whatever was unchecked for the first one
     second = _model(Path(widget.ui.modelComboBox.currentData).parent / "second")
     widget.ui.modelComboBox.addItem("second", second)

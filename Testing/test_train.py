@@ -359,6 +359,11 @@ def test_init_from_fine_tunes_an_existing_model(tiny, dataset, tmp_path, capsys)
     with pytest.raises(MaskSAMError, match="fine-tuning keeps them"):
         _train(["--data", str(dataset), "--out", str(tmp_path / "x"), "--init-from", str(base), "--max-steps", "1",
                 "--classes", "liver"] + COMMON[2:])
+    # without --classes the base model's classes are trained, and the saved configuration says which
+    assert _train(["--data", str(dataset), "--out", str(tmp_path / "y"), "--init-from", str(base), "--max-steps",
+                   "1", "--val-cases", "case02"] + COMMON[2:]) == 0
+    saved = json.loads((tmp_path / "y" / "train_config.json").read_text())
+    assert saved["classes"] == ["liver", "spleen", "aorta"] and saved["init_from"] == str(base)
 
 
 def test_augmentation_keeps_image_and_label_aligned():

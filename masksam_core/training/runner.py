@@ -356,7 +356,8 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_output(out / SAVED_CONFIG, overwrite=True) as tmp:  # --resume reads it back
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            # the classes as resolved (the dataset's, or a fine-tuned model's base's), so the file says what it trained
+            tmp.write_text(json.dumps({**cfg.to_dict(), "classes": list(classes)}, indent=2) + "\n")
     atlas_record: Dict = {}
     if main_proc and cfg.atlas_cases and matching == "class_bound":
         atlas_record = _write_atlas(cfg, data, classes, normalization, out)
