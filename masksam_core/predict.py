@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", help="SAM checkpoint file, for models on a ViT backbone")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--fast", action="store_true",
-                   help="twice the model's z spacing and no slab overlap (CPU users; see README's speed section)")
+                   help="twice the model's z spacing and no slab overlap (CPU users; see docs/benchmarks.md)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from the output's extension)")
     p.add_argument("--organs", metavar="NAME,NAME,...",
                    help="segment and write only these organs: the model's class names (e.g. liver,kidney_left,"
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its small organ share under the model's background threshold)")
     p.add_argument("--overlap", type=float, default=None,
                    help="fraction of a slab shared with the next, 0 to 0.75 (default 0.5; 0 with --fast): less is "
-                        "faster, see README's speed section for what it costs")
+                        "faster, see docs/benchmarks.md for what it costs")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
                    help="CPU runtime of the image encoder, prompt generator and SAM's decoder: auto (OpenVINO "

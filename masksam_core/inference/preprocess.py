@@ -24,7 +24,7 @@ BODY_HU = -500.0
 # --fast's z spacing, in multiples of the model card's (6 mm for the default model's 3 mm; TotalSegmentator's fast
 # mode also halves the resolution). Measured on TotalSegmentator's example CT at 512x512x336 with the default model,
 # 2 AMX cores: 1.5x took 25.8-27.7 s, mean Dice 0.573, surface Dice 0.517, HD95 30.2 mm; 2x 20.9-25.1 s, 0.580,
-# 0.508, 30.4 mm (README, "Speed").
+# 0.508, 30.4 mm (docs/benchmarks.md).
 FAST_Z_FACTOR = 2.0
 
 
