@@ -259,9 +259,9 @@ class Trainer:
             g = batch.slab.shape[0]
             size = tuple(batch.slab.shape[-2:])
             with torch.inference_mode():
+                with_prior = {"prior": batch.prior} if decode and batch.prior is not None else {}
                 out = self._forward(batch, decode="nonempty" if decode else
-                                    torch.zeros(g, n_q, dtype=torch.bool, device=self.device),
-                                    prior=batch.prior if decode else None)
+                                    torch.zeros(g, n_q, dtype=torch.bool, device=self.device), **with_prior)
                 lab = batch.label.reshape(-1, *size).cpu().numpy()
                 if decode:
                     sem = semantic_probabilities(out, size=size, background_threshold=self.cfg.background_threshold)
