@@ -68,6 +68,7 @@ def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp
         assert (out / name).exists(), name
     readme = (out / "README.md").read_text()
     assert "| 1 | liver |" in readme and "validation Dice" in readme and "not for clinical use" in readme.lower()
+    assert "Validation held out whole cases (case02), never trained on." in readme
     (out / "README.md").unlink()
     from masksam_core.model.__main__ import main as model_main
 
@@ -273,12 +274,19 @@ def test_val_slices_auto_holds_out_one_block_of_six_slices_in_four(tmp_path, cap
     assert data.val_z == {"case00": set(range(18, 24)), "case01": set(range(18, 24))}
     assert data.train_z["case00"] == set(range(18)) and data.train_z["case01"] == set(range(18))
     assert "12 of 48 slices held out" in capsys.readouterr().err
+    # the model card says what such a validation measures: the same patients, not others
+    assert data.validation_record() == {"kind": "within case", "cases": ["case00", "case01"], "slices": 12}
+    cfg = merge_config({}, {"data": str(root), "out": str(tmp_path / "m"), "val_cases": "case01",
+                            "cache_dir": str(tmp_path / "c")})
+    assert prepare_data(cfg, None, (3.0, 3.0, 3.0), norm).validation_record() == {
+        "kind": "across cases", "cases": ["case01"], "slices": 24}
     # too thin for a block: trained on whole, no validation, and the log says so
     thin = make_nnunet_dataset(tmp_path / "t", n_cases=1, size=(32, 32, 9), spacing=(3.0, 3.0, 6.0))
     cfg = merge_config({}, {"data": str(thin), "out": str(tmp_path / "m"), "val_slices": "AUTO",
                             "cache_dir": str(tmp_path / "c2")})
     data = prepare_data(cfg, None, (3.0, 3.0, 3.0), norm)
     assert data.val_z == {} and data.train_z == {"case00": None}
+    assert data.validation_record() == {"kind": "none", "cases": [], "slices": 0}
     assert "training without validation" in capsys.readouterr().err
 
 

@@ -62,6 +62,15 @@ def card_markdown(card: ModelCard, summary: Optional[Dict[str, Any]] = None) -> 
         row = f"| {c['value']} | {c['name']} | {c.get('display_name', c['name'])} | {colour} | " \
               f"{_fmt_dice(val.get(c['name']))} |"
         lines.append(row + (f" {_fmt_dice(before.get(c['name']))} |" if before else ""))
+    validation = tr.get("validation") or {}
+    if validation.get("kind") == "within case":
+        lines += ["", f"Validation held out {validation.get('slices')} slices of {', '.join(validation['cases'])}, "
+                      "whose other slices were trained on: it measures the model on the same patient(s), not on "
+                      "others."]
+    elif validation.get("kind") == "across cases":
+        lines += ["", f"Validation held out whole cases ({', '.join(validation['cases'])}), never trained on."]
+    elif validation.get("kind") == "none":
+        lines += ["", "No validation data was held out: the model was not validated."]
     if val:
         mean = sum(val.values()) / len(val)
         lines += ["", f"Mean validation Dice over the {len(val)} classes present in the validation data: "

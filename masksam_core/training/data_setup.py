@@ -90,6 +90,18 @@ class TrainingData:
     cache_dir: Path
     prep_key: str
 
+    def validation_record(self) -> Dict[str, object]:
+        """What the validation measures, for the model card: ``kind`` "across cases" (whole cases held out, never
+        trained on), "within case" (held-out slices of cases whose other slices are trained on: the same patients,
+        so it does not measure generalisation to others) or "none"; the held-out ``cases`` and ``slices``."""
+        whole = sorted(c for c, zs in self.val_z.items() if zs and not self.train_z.get(c))
+        partial = sorted(c for c, zs in self.val_z.items() if zs and self.train_z.get(c))
+        slices = int(sum(len(zs) for zs in self.val_z.values()))
+        if not slices:
+            return {"kind": "none", "cases": [], "slices": 0}
+        kind = "within case" if partial else "across cases"
+        return {"kind": kind, "cases": whole + partial, "slices": slices}
+
     def make_source(self, model: MaskSAM, cached: bool, device: torch.device, batch_size: int, seed: int,
                     progress: bool = True, prior: Optional[PriorTraining] = None):
         """The loop's batch source: cached features (CPU recipe; ``prior``: perturbed atlas priors for a share of

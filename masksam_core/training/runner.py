@@ -326,7 +326,7 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
         "precision": precision_name(amp), "prompt_stage_precision": precision_name(prompt_amp if cached else amp),
         "feature_precision": getattr(source, "feature_precision", None),
         "command": command_line(), "hardware": hardware(), "processes": world,
-        "init_from": cfg.init_from, "dataset": str(cfg.data),
+        "init_from": cfg.init_from, "dataset": str(cfg.data), "validation": data.validation_record(),
     }
     if base_card is not None:  # lineage: the base model's own training record (and, nested, its bases')
         card_training["base_training"] = dict(base_card.training)
