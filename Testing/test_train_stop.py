@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -69,9 +68,12 @@ print("ok")
 def test_first_signal_asks_to_stop_a_second_aborts_and_the_handlers_are_put_back():
     """In a child interpreter: signals sent to the test process itself could reach the native handlers of
     libraries that other tests loaded (VTK, OpenVINO)."""
+    _run_child(SIGNAL_CHILD)
+
+
+def _run_child(code: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", SIGNAL_CHILD], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -93,20 +95,28 @@ def test_no_handlers_outside_the_main_thread():
     assert seen == {"inside": before, "set": True}
 
 
-def test_windows_ctrl_break_is_a_stop_signal(monkeypatch):
-    """On Windows the Trainer sends CTRL_BREAK_EVENT (SIGBREAK); here SIGUSR1 stands in for it so the branch runs."""
-    from masksam_core.training import stop as stop_module
+WINDOWS_CHILD = """
+import os, signal, sys, time
+from masksam_core.training import stop as stop_module
 
-    assert signal.SIGUSR1 not in stop_module.stop_signals()
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
-    assert stop_module.stop_signals() == [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
-    before = signal.getsignal(signal.SIGUSR1)
-    with stop_module.graceful_stop() as stop:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.05)
-        assert stop()
-    assert signal.getsignal(signal.SIGUSR1) == before
+assert signal.SIGUSR1 not in stop_module.stop_signals()
+sys.platform = "win32"
+signal.SIGBREAK = signal.SIGUSR1
+assert stop_module.stop_signals() == [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
+before = signal.getsignal(signal.SIGUSR1)
+with stop_module.graceful_stop() as stop:
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)
+    assert stop()
+assert signal.getsignal(signal.SIGUSR1) == before
+print("ok")
+"""
+
+
+def test_windows_ctrl_break_is_a_stop_signal():
+    """On Windows the Trainer sends CTRL_BREAK_EVENT (SIGBREAK); here SIGUSR1 stands in for it so the branch runs.
+    In a child interpreter, for the same reason as the test above."""
+    _run_child(WINDOWS_CHILD)
 
 
 def test_checkpoint_every_option():
@@ -192,28 +202,43 @@ def test_sigterm_mid_run_saves_a_model_that_predict_loads(tiny, dataset, cache, 
 
 _train = test_train._train
 
-
-@pytest.mark.slow  # three runs
-def test_stop_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, dataset, cache, tmp_path,
-                                                                          monkeypatch, capsys):
+STOP_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {testing!r})
+    from tiny_backbones import tiny_tinyvit_backbone
     import masksam_core.training.loop as loop
-
-    args = ["--data", str(dataset), "--max-steps", "4", "--steps-per-epoch", "2", "--seed", "3",
-            "--val-slices", "case02:5-6", "--cache-dir", str(cache), "--precision", "fp32"] + COMMON
-    assert _train(args + ["--out", str(tmp_path / "a")]) == 0
+    import masksam_core.training.runner as runner
+    runner.load_backbone = lambda *a, **k: tiny_tinyvit_backbone()
     original = loop.Trainer.train_step
 
-    def step(self, *a, **k):  # SIGTERM arrives during step 3 (after the validation at step 2)
+    def step(self, *a, **k):
         if self.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *a, **k)
 
+    loop.Trainer.train_step = step
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(loop.Trainer, "train_step", step)
-    assert _train(args + ["--out", str(tmp_path / "b")]) == 0
-    assert signal.getsignal(signal.SIGTERM) == handler  # the command put the handler back
-    monkeypatch.setattr(loop.Trainer, "train_step", original)
-    assert "Stopped at step 3 of 4; model saved to" in capsys.readouterr().out
+    from masksam_core.train import main
+    code = main(sys.argv[1:])
+    assert signal.getsignal(signal.SIGTERM) == handler, "the command did not put the handler back"
+    sys.exit(code)
+""")
+
+
+@pytest.mark.slow  # three runs
+def test_stop_then_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, dataset, cache, tmp_path,
+                                                                          monkeypatch, capsys):
+    args = ["--data", str(dataset), "--max-steps", "4", "--steps-per-epoch", "2", "--seed", "3",
+            "--val-slices", "case02:5-6", "--cache-dir", str(cache), "--precision", "fp32"] + COMMON
+    assert _train(args + ["--out", str(tmp_path / "a")]) == 0
+    # the stopped run in a child interpreter: SIGTERM arrives during step 3 (after the validation at step 2)
+    script = tmp_path / "stop_child.py"
+    script.write_text(STOP_CHILD.format(testing=str(HERE)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, str(script)] + args + ["--out", str(tmp_path / "b")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "Stopped at step 3 of 4; model saved to" in child.stdout
     b = tmp_path / "b"
     # the best model so far (step 2) stays the folder's model, marked as stopped; latest/ has step 3's weights
     assert _card(b)["training"]["stopped"] == {"step": 3, "max_steps": 4} and _card(b)["training"]["best_step"] == 2
