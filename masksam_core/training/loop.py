@@ -207,40 +207,45 @@ class Trainer:
         self.model.train()
         g, d = batch.label.shape[:2]
         labels = batch.label.to(self.device).view(g * d, *batch.label.shape[2:])
-        targets = slice_targets(labels, self.model.num_classes, ignore_index=IGNORE)
-        keep = _slice_weights(labels)
         prompt_only = self.step < self.cfg.prompt_steps
-        if prompt_only:
-            decode = torch.zeros(g, self.model.config.num_queries, dtype=torch.bool, device=self.device)
-        else:
-            decode = self._decode_fn(targets, gen, g, d)
         lr = staged_lr(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if batch.prior is not None and not prompt_only and bool(batch.prior["present"].any()):
             losses = self._prior_step_losses(batch, labels, gen)
         else:
-            outputs = self._forward(batch, decode, prompt_only)
-            outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
-            outputs, targets = _drop_ignored(outputs, targets, keep)
-            if prompt_only:
-                outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
-            losses = self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
+            losses = self._matched_step_losses(batch, labels, gen, prompt_only)
         total = self.criterion.weighted_total(losses)
         self.optimizer.zero_grad(set_to_none=True)
-        if not total.requires_grad:  # nothing to learn from (a prior whose organs lie on unlabelled slices only)
-            self.step += 1
-            return {"loss": float(total), "lr": lr, **{k: float(v) for k, v in losses.items()}}
-        total.backward()
-        if after_backward is not None:
-            after_backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.optimizer.step()
+        if total.requires_grad:  # not: nothing to learn from (a prior whose organs lie on unlabelled slices only)
+            total.backward()
+            if after_backward is not None:
+                after_backward()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self.optimizer.step()
         self.step += 1
         row = {"loss": float(total.detach()), "lr": lr}
         row.update({k: float(v.detach()) for k, v in losses.items()})
         return row
+
+    def _matched_step_losses(self, batch: Batch, labels: torch.Tensor, gen: torch.Generator,
+                             prompt_only: bool) -> Dict[str, torch.Tensor]:
+        """Loss terms of a step prompted by the prompt generator: predictions matched to per-slice targets (no
+        decoding in the prompt-generator-only stage)."""
+        g, d = batch.label.shape[:2]
+        targets = slice_targets(labels, self.model.num_classes, ignore_index=IGNORE)
+        keep = _slice_weights(labels)
+        if prompt_only:
+            decode = torch.zeros(g, self.model.config.num_queries, dtype=torch.bool, device=self.device)
+        else:
+            decode = self._decode_fn(targets, gen, g, d)
+        outputs = self._forward(batch, decode, prompt_only)
+        outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
+        outputs, targets = _drop_ignored(outputs, targets, keep)
+        if prompt_only:
+            outputs = {k: v for k, v in outputs.items() if k not in ("pred_logits", "pred_masks", "decoded")}
+        return self.criterion(outputs, targets, generator=gen, dense_aux=self.dense_aux_now())
 
     @torch.no_grad()
     def validate(self, batches: Iterator[Batch], decode: bool = True) -> Dict[str, Dict[int, float]]:
