@@ -218,6 +218,28 @@ def test_an_mr_scan_given_to_a_ct_model_warns_in_the_api_and_the_sidecar(tmp_pat
     assert sidecar["modality"] == "MR" and any("trained on CT" in w for w in sidecar["warnings"])
 
 
+def test_an_mr_given_to_a_ct_model_is_scaled_by_its_percentiles_not_a_ct_window():
+    """A CT window on MR values clips the whole body to one grey; the MR is scaled by its 0.5-99.5 percentiles
+    instead (LiteMedSAM's MR convention), a CT keeps the card's window, and a card trained on MR keeps its own."""
+    from masksam_core.inference.preprocess import normalization_for, prepare_volume
+    from masksam_core.model.card import ModelCard
+
+    folder = Path(__file__).resolve().parents[1] / "masksam_core" / "models" / "default"
+    card = ModelCard.from_dict(json.loads((folder / "model.json").read_text()))
+    assert normalization_for(card, "CT") == card.normalization
+    assert normalization_for(card, "MR")["mode"] == "mr_percentile"
+    mr_card = ModelCard.from_dict({**json.loads((folder / "model.json").read_text()), "modalities": ["CT", "MR"]})
+    assert normalization_for(mr_card, "MR") == mr_card.normalization
+    rng = np.random.default_rng(0)
+    mr = sitk.GetImageFromArray(rng.uniform(0, 800, (8, 40, 40)).astype(np.float32))
+    mr.SetSpacing((6.0, 6.0, 6.0))
+    volume = prepare_volume(mr, card, atlas_prior=False)
+    assert volume.modality == "MR"
+    region = volume.region
+    assert region.min() == 0.0 and region.max() == 1.0 and 0.3 < float(np.median(region)) < 0.7  # not clipped
+    assert any("trained on CT" in w for w in volume.warnings)
+
+
 # ---------------------------------------------------------------------------------------------- registration
 def test_z_search_finds_where_a_thin_scan_lies_in_the_atlas():
     rng = np.random.default_rng(0)
@@ -369,3 +391,37 @@ def test_training_atlas_adds_the_new_cases_to_the_base_models(tmp_path):
     again = atlas_for_training(spec, class_map, ["case01"], "CT", base, 3, max_cases=3)
     assert [c.case_id for c in again.cases] == ["case7", "case01"]
     assert again.cases[1].source.endswith("case01")  # the new version, not the base's
+
+
+def _mr_like(image: sitk.Image) -> sitk.Image:
+    """An MR-like contrast of a CT (non-monotonic in HU, as a T1 would show it: air and bone dark, fat bright,
+    soft tissue grey, no values below 0), so that neither CT intensities nor their correlation can match it."""
+    hu = sitk.GetArrayFromImage(image)
+    mr = np.interp(hu, [-1000, -500, -150, -50, 0, 60, 200, 400, 1500], [0, 10, 800, 700, 250, 330, 300, 80, 40])
+    out = sitk.GetImageFromArray(mr.astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def test_a_thin_mr_like_slab_is_registered_at_the_right_height(s1):
+    """A 60-mm MR-like slab through the kidneys and the liver, its field of view cutting the body at the sides
+    (as in TotalSegmentator's MR example): the z offset across modalities comes from the multi-start similarity
+    stage, not from intensities or outlines, which put the atlas's pelvis there before."""
+    image, labels = s1
+    arr = sitk.GetArrayViewFromImage(labels)
+    kidney = np.nonzero((arr == ORGANS["kidney_right"]).any(axis=(1, 2)))[0]
+    z_top = int(kidney.max())
+    thick = int(round(60.0 / image.GetSpacing()[2]))
+    nx = image.GetSize()[0]
+    region = (slice(z_top - thick + 1, z_top + 1), slice(None), slice(nx // 8, nx - nx // 8))
+    index = [region[2].start, 0, region[0].start]
+    size = [region[2].stop - region[2].start, image.GetSize()[1], thick]
+    scan = _mr_like(sitk.RegionOfInterest(image, size, index))
+    truth = sitk.GetArrayFromImage(sitk.RegionOfInterest(labels, size, index))
+    assert guess_modality(scan)[0] == "MR"
+    reg = register(scan, image, "MR")
+    assert reg.plausible, reg.quality
+    warped = sitk.GetArrayFromImage(warp_labels(labels, scan, reg.transform))
+    for name in ("liver", "kidney_right", "spleen"):
+        assert _dice(warped == ORGANS[name], truth == ORGANS[name]) > 0.6, (name, reg.quality)
+    assert len(reg.quality["z_starts_mm"]) >= 2  # several starts were tried

@@ -241,10 +241,17 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
     similarity.SetTranslation(init.GetTranslation())
     metric = float("nan")
     thin = fixed.GetSize()[2] * fixed.GetSpacing()[2] < THIN_SCAN_MM
+    # similarity parameters: versor (x, y, z), translation (3), scale; a thin scan rotates in-plane only
+    sim_weights = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if thin else None
     try:
-        # similarity parameters: versor (x, y, z), translation (3), scale; a thin scan rotates in-plane only
-        metric = _run_stage(fixed_m, moving_m, mask, similarity, iterations,
-                            [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if thin else None)
+        if modality != "CT":
+            similarity, starts = _multi_start_similarity(fixed_m, moving_m, mask, fixed_body, init,
+                                                                iterations, sim_weights)
+            init_quality["z_starts_mm"] = starts
+            init_quality["z_offset_mm"] = float(similarity.GetTranslation()[2])
+            metric = float(starts[0][1]) if starts else metric
+        else:
+            metric = _run_stage(fixed_m, moving_m, mask, similarity, iterations, sim_weights)
         init_quality["stages"].append("similarity")
         transform = _as_affine(similarity)
         weights = [1.0] * 12
@@ -300,6 +307,103 @@ def demons_stage(fixed: sitk.Image, moving: sitk.Image,
     disp = sitk.GetArrayViewFromImage(field)
     stats = {"max_displacement_mm": float(np.sqrt((np.asarray(disp) ** 2).sum(-1)).max())}
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)), stats
+
+
+MULTI_START_SAMPLE = 4  # every 4th body voxel of the scan enters the z sweep's MI
+MULTI_START_SEPARATION_MM = 30.0  # distinct starts lie at least this far apart
+MULTI_STARTS = 5
+
+
+def z_start_candidates(fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.Image,
+                       init: sitk.AffineTransform, count: int = MULTI_STARTS) -> List[float]:
+    """Up to ``count`` z translations (mm) to start the similarity stage from: ``init``'s own, then the local
+    maxima of the mutual information over every z shift of ``init`` that keeps the shorter of scan and atlas
+    within the longer (a partial overlap samples fewer voxels, which MI rewards), best first, at least
+    ``MULTI_START_SEPARATION_MM`` apart.
+
+    fixed, moving: the scan and the atlas as matched for registration (on the isotropic registration grid);
+    fixed_body: (Z, Y, X) the scan's body, where MI is measured (a joint histogram, 32 bins).
+
+    Across modalities neither intensities nor body outlines (an MR's field of view often cuts the body at the
+    sides) tell the z offset, and the MI of the unoptimised overlap prefers high-contrast regions (the pelvis's
+    bones and gas) over the right one; optimising from each local maximum and keeping the best final metric does
+    not (:func:`_multi_start_similarity`)."""
+    tx, ty, tz0 = init.GetTranslation()
+    moved = sitk.GetArrayFromImage(_shift_atlas_in_plane(moving, fixed, np.array([tx, ty])))
+    scan = sitk.GetArrayViewFromImage(fixed)
+    zs, za = scan.shape[0], moved.shape[0]
+    step = fixed.GetSpacing()[2]
+    base = moving.GetOrigin()[2] - fixed.GetOrigin()[2]
+    lo, hi = sorted((0, za - zs))
+    flat = np.flatnonzero(fixed_body)[::MULTI_START_SAMPLE]
+    zi, rest = np.divmod(flat, scan.shape[1] * scan.shape[2])
+    f_bins = _bin(np.asarray(scan).reshape(zs, -1)[zi, rest])
+    moved = moved.reshape(za, -1)
+    ks = list(range(lo, hi + 1))
+    scores = []
+    for k in ks:
+        j = zi + k
+        inside = (j >= 0) & (j < za)
+        a = np.full(flat.shape, np.nan, np.float32)
+        a[inside] = moved[j[inside], rest[inside]]
+        scores.append(_mutual_information(f_bins, _bin(a)))
+    scores = np.asarray(scores)
+    maxima = [i for i in range(len(ks)) if scores[i] >= scores[max(0, i - 1)]
+              and scores[i] >= scores[min(len(ks) - 1, i + 1)]]
+    maxima.sort(key=lambda i: -scores[i])
+    chosen: List[float] = [float(tz0)]
+    for i in maxima:
+        dz = base + ks[i] * step
+        if len(chosen) >= count:
+            break
+        if all(abs(dz - c) >= MULTI_START_SEPARATION_MM for c in chosen):
+            chosen.append(float(dz))
+    return chosen
+
+
+def _bin(values: np.ndarray, bins: int = 32) -> np.ndarray:
+    """Histogram bin index (0..bins-1) of each finite value between its own min and max; -1 for NaN."""
+    out = np.full(values.shape, -1, np.int64)
+    ok = np.isfinite(values)
+    if ok.any():
+        v = values[ok]
+        lo, hi = float(v.min()), float(v.max())
+        out[ok] = np.clip(((v - lo) / max(hi - lo, 1e-6) * bins).astype(np.int64), 0, bins - 1)
+    return out
+
+
+def _mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Mutual information (nats) of two binned samples (:func:`_bin`), over the pairs where both are valid."""
+    ok = (a >= 0) & (b >= 0)
+    if ok.sum() < 100:
+        return -np.inf
+    joint = np.bincount(a[ok] * bins + b[ok], minlength=bins * bins).reshape(bins, bins).astype(float)
+    p = joint / joint.sum()
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / (px @ py)[nz])).sum())
+
+
+def _multi_start_similarity(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, body: np.ndarray,
+                            init: sitk.AffineTransform, iterations: int, weights: Optional[List[float]]
+                            ) -> Tuple[sitk.Similarity3DTransform, List[Tuple[float, float]]]:
+    """The similarity stage run from each of :func:`z_start_candidates`; the one with the best (lowest) final
+    metric, and every start's (z shift, final metric), best first."""
+    results = []
+    for dz in z_start_candidates(fixed, body, moving, init):
+        sim = sitk.Similarity3DTransform()
+        sim.SetCenter(init.GetCenter())
+        tx, ty, _ = init.GetTranslation()
+        sim.SetTranslation([tx, ty, dz])
+        try:
+            m = _run_stage(fixed, moving, mask, sim, iterations, weights)
+        except RuntimeError:
+            continue
+        results.append((m, dz, sim))
+    if not results:
+        raise RuntimeError("no start of the similarity stage converged")
+    results.sort(key=lambda r: r[0])
+    return results[0][2], [(round(dz, 1), round(m, 4)) for m, dz, _ in results]
 
 
 def _as_affine(similarity: sitk.Similarity3DTransform) -> sitk.AffineTransform:

@@ -94,7 +94,8 @@ def prepare_volume(image: sitk.Image, card: "ModelCard", fast: bool = False,
     spacing = model_spacing(card, fast)
     grid = to_model_space(image, spacing, sitk.sitkLinear, pixel_type=sitk.sitkFloat32)
     raw = sitk.GetArrayViewFromImage(grid)  # (z, y, x)
-    norm_spec = card.normalization
+    modality, warning = modality_warning(image, card.modalities)
+    norm_spec = normalization_for(card, modality)
     is_ct = norm_spec.get("mode") in CT_MODES
     box = body_bbox(raw, BODY_HU) if crop_to_body and is_ct else None
     if box is None:
@@ -104,7 +105,6 @@ def prepare_volume(image: sitk.Image, card: "ModelCard", fast: bool = False,
         pad_value = float(normalize_intensity(np.array([-1024.0], np.float32), norm_spec)[0])
     else:
         pad_value = float(region.min())
-    modality, warning = modality_warning(image, card.modalities)
     warnings = [warning] if warning else []
     prior = None
     if atlas_prior and card.atlas:
@@ -113,6 +113,20 @@ def prepare_volume(image: sitk.Image, card: "ModelCard", fast: bool = False,
             warnings.append(why)
     return ModelSpaceVolume(image=image, grid=grid, box=box, region=region, pad_value=pad_value, spacing=spacing,
                             seconds=time.perf_counter() - start, modality=modality, prior=prior, warnings=warnings)
+
+
+MR_NORMALIZATION = {"mode": "mr_percentile", "percentiles": [0.5, 99.5]}
+
+
+def normalization_for(card: "ModelCard", modality: str) -> Dict[str, Any]:
+    """The card's intensity normalisation, except for an MR given to a model that knows only CT: a CT window on MR
+    values (arbitrary units, no air below -300) clips nearly the whole body to one grey, so such a scan is scaled
+    by its 0.5-99.5 percentiles onto [0, 1], the MR convention LiteMedSAM was pretrained with. The modality warning
+    still says the model was not trained on MR."""
+    spec = card.normalization
+    if modality == "MR" and "MR" not in card.modalities and spec.get("mode") in CT_MODES:
+        return dict(MR_NORMALIZATION)
+    return spec
 
 
 _ATLASES: Dict[str, Any] = {}
