@@ -233,3 +233,25 @@ def test_a_prior_with_nothing_to_decode_never_breaks_a_step():
     row = trainer.train_step(batch, torch.Generator().manual_seed(0))
     assert row["loss"] == 0 and trainer.step == 2
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in model.parameters() if p.requires_grad]))
+
+
+def test_a_step_with_nothing_to_learn_still_joins_the_gradient_averaging():
+    """With several processes, one whose step has no gradient must still take part in the all-reduce (else the
+    others wait for ever) and apply the averaged update like the rest, so that the weights stay identical."""
+    model, trainer = _tiny_trainer()
+    label = torch.zeros(1, 2, 64, 64, dtype=torch.long)
+    label[0, :, 8:24, 8:40] = 1
+    batch = _prior_batch(model, label)
+    batch.label = torch.full_like(label, 255)  # the prior's organs on unlabelled slices: no gradient here
+    calls = []
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def averaged_from_the_others():  # stands in for average_gradients: the other process's gradients arrive
+        calls.append(1)
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+
+    before = [p.clone() for p in params]
+    row = trainer.train_step(batch, torch.Generator().manual_seed(0), averaged_from_the_others)
+    assert row["loss"] == 0 and calls == [1]
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))  # the averaged update was applied

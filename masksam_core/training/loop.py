@@ -219,9 +219,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:  # not: nothing to learn from (a prior whose organs lie on unlabelled slices only)
             total.backward()
-            if after_backward is not None:
-                after_backward()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+        if after_backward is not None:
+            # every process joins the gradient averaging, one with nothing to learn too (its gradients count as
+            # zero): a process that skipped it would leave the others waiting in the all-reduce for ever
+            after_backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if any(p.grad is not None for p in params):
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.optimizer.step()
         self.step += 1
