@@ -31,6 +31,12 @@ positive points, padded by :data:`POINT_BOX_PAD_MM` (MaskSAM's decoder was train
 slice with neither the organ nor a positive point is left as it is. So a positive point grows the organ toward it,
 a negative one takes SAM's mask away from it.
 
+What points bring, on s1 with the bundled model (optimistic, as below): the liver's (spleen's) half beyond its
+median column removed on 5 slices, Dice there 0.588 (0.690); two positive points, at the removed part's centre on
+the first and the last of those slices, gave 0.724 (0.894); a box around the truth 0.895 (0.942), the box and the
+points 0.882 (0.918). Points alone mend a partly missing organ; a good box does better, and points add nothing to
+it (the decoder was trained with box prompts only).
+
 Coordinates: ``box_mm`` is (x0, y0, z0, x1, y1, z1) in physical LPS millimetres, as ITK, SimpleITK and the engine's
 files use them (x grows to the patient's left, y to posterior, z to superior); the order of each pair does not
 matter. Slicer shows RAS: a point (R, A, S) there is (-R, -A, S) here. On an oblique image the box is the model
