@@ -544,3 +544,45 @@ def test_bad_points_are_one_clear_error(tiny, tiny_folder, tmp_path, capsys):
     p = _point_mm(image, 40, 10, 5)
     assert run_cli(main, args + ["--point", f"{p[0]:.3f},{p[1]:.3f},{p[2]:.3f},+"]) == 0
     assert "liver refined on model slices 5..5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_points_alone_mend_a_partly_missing_real_organ(totalseg_dir):
+    """s1 with the spleen's half beyond its median column removed on 5 slices: two positive points there (on the
+    first and last of those slices) bring its Dice on them up (0.73 -> 0.90 measured)."""
+    from masksam_core.predict import default_model_dir
+
+    if not (default_model_dir() / "model.json").exists():
+        pytest.skip("the bundled default model is not installed")
+    from masksam_core.model.folder import load_model
+
+    model, card = load_model(default_model_dir())
+    ct = sitk.ReadImage(str(totalseg_dir / "s1_ct.nii.gz"), sitk.sitkFloat32)
+    labels = _s1_labels(totalseg_dir, card)
+    arr = sitk.GetArrayFromImage(labels)
+    spleen = organ_value(card, "spleen")
+    zs = np.nonzero((arr == spleen).any(axis=(1, 2)))[0]
+    ks = (int(zs[len(zs) // 2]) - 2, int(zs[len(zs) // 2]) + 2)
+    damaged = arr.copy()
+    part = damaged[ks[0]:ks[1] + 1]
+    xmid = int(np.median(np.nonzero((part == spleen).any(axis=(0, 1)))[0]))
+    beyond = np.arange(arr.shape[2])[None, :] >= xmid
+    part[(part == spleen) & beyond[None]] = 0
+    points = []
+    for k in ks:
+        yy, xx = np.nonzero((arr[k] == spleen) & beyond)
+        j = int(np.argmin((yy - yy.mean()) ** 2 + (xx - xx.mean()) ** 2))
+        points.append(tuple(ct.TransformIndexToPhysicalPoint((int(xx[j]), int(yy[j]), k))) + (True,))
+    seg = sitk.GetImageFromArray(damaged)
+    seg.CopyInformation(labels)
+    out = sitk.GetArrayFromImage(refine(ct, seg, "spleen", None, model=model, card=card, points=points,
+                                        options=InferenceOptions(device="cpu", runtime="torch")))
+    truth = arr[ks[0]:ks[1] + 1] == spleen
+
+    def dice(a):
+        got = a[ks[0]:ks[1] + 1] == spleen
+        return 2 * (truth & got).sum() / (truth.sum() + got.sum())
+
+    print(f"spleen Dice on the {ks[1] - ks[0] + 1} slices: {dice(damaged):.3f} damaged, {dice(out):.3f} refined")
+    assert dice(out) > dice(damaged) + 0.1
+    assert np.array_equal(out[: ks[0]], damaged[: ks[0]]) and np.array_equal(out[ks[1] + 1:], damaged[ks[1] + 1:])
