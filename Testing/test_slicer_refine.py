@@ -257,7 +257,7 @@ def test_the_widgets_refine_and_undo_buttons(monkeypatch, scene, model_dir, tmp_
     import types
 
     from slicer_stubs import import_module_without_qt
-    from test_slicer_widgets import ComboBox, Selector, Widget, _fake_qt
+    from test_slicer_widgets import ComboBox, SegmentSelector, Selector, Widget, _fake_qt
 
     mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
     monkeypatch.setattr(mod, "qt", _fake_qt())
@@ -279,15 +279,15 @@ def test_the_widgets_refine_and_undo_buttons(monkeypatch, scene, model_dir, tmp_
     widget.logic = mod.MaskSAMSegmentLogic()
     real_start = widget.logic.startRefine
     widget.logic.startRefine = lambda *a, **k: real_start(*a, **k, engine=fake)
-    segment_selector = Selector(node)
-    segment_selector.currentSegmentID = lambda: liver
+    segment_selector = SegmentSelector(node, liver)
     widget.ui = types.SimpleNamespace(
         inputVolumeSelector=Selector(volume), refineSegmentSelector=segment_selector, refineRoiSelector=Selector(),
+        refinePointsSelector=Selector(),
         modelComboBox=ComboBox([("m", model_dir)]), deviceComboBox=ComboBox([("cpu", "cpu")]),
         refineButton=Widget(), undoRefineButton=Widget(enabled=False), cancelButton=Widget(), statusLabel=Widget(),
         progressBar=Widget(), segmentButton=Widget())
     widget.onRefine()  # no box yet
-    assert widget.refineRun is None and errors == ["To refine, choose a box (ROI)."]
+    assert widget.refineRun is None and errors == ["To refine, choose a box (ROI) or points."]
     widget.ui.refineRoiSelector.setCurrentNode(roi)
     widget.onRefine()
     assert widget.refineRun is not None and widget.refineTimer.active and not widget.ui.refineButton.enabled
@@ -302,3 +302,182 @@ def test_the_widgets_refine_and_undo_buttons(monkeypatch, scene, model_dir, tmp_
     assert np.array_equal(after[5:], liver_before[5:]) and np.array_equal(_mask(node, spleen, volume), spleen_before)
     widget.onUndoRefine()
     assert np.array_equal(_mask(node, liver, volume), liver_before) and not widget.ui.undoRefineButton.enabled
+
+
+# a stand-in for ``masksam_core.refine`` with points: the voxel nearest each positive LPS point becomes the chosen
+# organ, the voxel nearest each negative one is cleared of it (so the test sees exactly where each point landed)
+FAKE_POINTS_REFINE = textwrap.dedent("""
+    import argparse, numpy as np, SimpleITK as sitk
+    p = argparse.ArgumentParser()
+    for a in ("-i", "-s", "--organ", "--box", "-o", "--device", "--progress", "--model"):
+        p.add_argument(a)
+    p.add_argument("--point", action="append", default=[])
+    args = p.parse_args()
+    seg = sitk.ReadImage(args.s)
+    arr = sitk.GetArrayFromImage(seg)
+    value = int(next(v for v in np.unique(arr) if v not in (0, 255)))
+    out = arr.copy()
+    for text in args.point:
+        *xyz, sign = text.split(",")
+        i, j, k = seg.TransformPhysicalPointToIndex([float(v) for v in xyz])
+        if sign == "+" and out[k, j, i] == 0:
+            out[k, j, i] = value
+        elif sign == "-" and out[k, j, i] == value:
+            out[k, j, i] = 0
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(seg)
+    print('{"stage": "segment", "done": 1, "total": 1}', flush=True)
+    sitk.WriteImage(img, args.o)
+""")
+
+
+def _voxel_ras(volume, ijk):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return m.MultiplyPoint(list(map(float, ijk)) + [1.0])[:3]
+
+
+def test_a_point_list_becomes_lps_points_with_their_sign(scene):
+    import vtk
+
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    points.AddControlPoint(vtk.vtkVector3d(10.0, -20.0, 30.0))
+    points.AddControlPoint(vtk.vtkVector3d(-1.5, 2.5, -3.0))
+    points.SetNthControlPointSelected(1, False)  # unselected: outside the organ
+    points.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0))
+    points.UnsetNthControlPointPosition(2)  # not placed yet: left out
+    assert refine_logic.points_lps(points) == [(-10.0, 20.0, 30.0, True), (1.5, -2.5, -3.0, False)]
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 5.0)  # 5 mm to the right (R), i.e. -5 in L
+    transform.SetMatrixTransformToParent(m)
+    points.SetAndObserveTransformNodeID(transform.GetID())
+    assert refine_logic.points_lps(points)[0] == pytest.approx((-15.0, 20.0, 30.0, True))  # world coordinates
+    args = refine_logic.point_arguments(refine_logic.points_lps(points))
+    assert args == ["--point=-15.000,20.000,30.000,+", "--point=-3.500,-2.500,-3.000,-"]
+    cmd = refine_logic.refine_command("py", "i.nrrd", "s.nrrd", "liver", None, "o.nrrd", None, "cpu",
+                                      points=refine_logic.points_lps(points))
+    assert not any(a.startswith("--box") for a in cmd) and cmd.count("--point=-15.000,20.000,30.000,+") == 1
+
+
+def test_points_refine_only_the_chosen_segment_where_they_were_placed(scene, model_dir, tmp_path):
+    """A positive point beside the liver and a negative one inside it (RAS markups on a volume stored with a
+    flipped, permuted direction) change exactly those two voxels of the liver's segment, and nothing else."""
+    volume = _volume(scene)
+    node, (liver, spleen) = _segmentation(scene, volume)
+    liver_before, spleen_before = _mask(node, liver, volume), _mask(node, spleen, volume)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    import vtk
+
+    points.AddControlPoint(vtk.vtkVector3d(*_voxel_ras(volume, (11, 4, 3))))  # beside the liver (i 2-7)
+    points.AddControlPoint(vtk.vtkVector3d(*_voxel_ras(volume, (3, 3, 3))))  # inside it
+    points.SetNthControlPointSelected(1, False)
+    script = tmp_path / "fake_points.py"
+    script.write_text(FAKE_POINTS_REFINE)
+    seen = {}
+
+    def fake(python, src, seg, organ, box, out, model, device, points=()):
+        seen.update(box=box, points=points)
+        return [sys.executable, str(script)] + refine_logic.refine_command(python, src, seg, organ, box, out, model,
+                                                                           device, points)[3:]
+
+    with pytest.raises(ValueError, match="place a box"):
+        refine_logic.start_refine(volume, node, liver, None, model_dir, "cpu", engine=fake)
+    run, value = refine_logic.start_refine(volume, node, liver, None, model_dir, "cpu", engine=fake,
+                                           points_node=points)
+    try:
+        assert run.wait() == 0, run.log_text()
+        refine_logic.apply_refined(str(run.workdir / "refined.nrrd"), volume, node, liver, value)
+    finally:
+        run.cleanup()
+    assert seen["box"] is None and [p[3] for p in seen["points"]] == [True, False]
+    expected = liver_before.copy()
+    expected[3, 4, 11] = True  # (k, j, i)
+    expected[3, 3, 3] = False
+    assert np.array_equal(_mask(node, liver, volume), expected)
+    assert np.array_equal(_mask(node, spleen, volume), spleen_before)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_the_refine_choices_are_kept_in_the_parameter_node(monkeypatch, scene, model_dir, tmp_path):
+    """The refine section's segmentation, segment, box and point list go into the module's parameter node and come
+    back from it (as after loading a scene); refining with points only goes through the widget."""
+    import types
+
+    from slicer_stubs import import_module_without_qt
+    from test_slicer_widgets import ComboBox, ListWidget, SegmentSelector, Selector, Widget, _fake_qt
+
+    mod = import_module_without_qt(monkeypatch, "MaskSAMSegment")
+    monkeypatch.setattr(mod, "qt", _fake_qt())
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    volume = _volume(scene)
+    node, (liver, spleen) = _segmentation(scene, volume)
+    roi = _roi(scene, volume, (4, 3, 2), (6, 8, 4))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    parameters = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    widget = mod.MaskSAMSegmentWidget.__new__(mod.MaskSAMSegmentWidget)
+    mod.MaskSAMSegmentWidget.__init__(widget)
+    widget.logic = mod.MaskSAMSegmentLogic()
+    widget.logic.getParameterNode = lambda: parameters
+    widget.ui = types.SimpleNamespace(
+        inputVolumeSelector=Selector(volume), outputSegmentationSelector=Selector(node),
+        modelComboBox=ComboBox([("m", model_dir)]), deviceComboBox=ComboBox([("cpu", "cpu")]),
+        fastCheckBox=Widget(), show3DCheckBox=Widget(), samCheckpointPathLineEdit=Widget(currentPath=""),
+        allOrgansCheckBox=Widget(), organsListWidget=ListWidget(),
+        refineSegmentSelector=SegmentSelector(node, spleen), refineRoiSelector=Selector(roi),
+        refinePointsSelector=Selector(points), segmentButton=Widget(), refineButton=Widget(),
+        undoRefineButton=Widget(enabled=False), cancelButton=Widget(), statusLabel=Widget(), progressBar=Widget())
+    widget.updateParameterNodeFromGUI()
+    assert parameters.GetNodeReference("RefineSegmentation") is node
+    assert parameters.GetParameter("RefineSegment") == spleen
+    assert parameters.GetNodeReference("RefineROI") is roi and parameters.GetNodeReference("RefinePoints") is points
+    widget.ui.refineSegmentSelector = SegmentSelector()
+    widget.ui.refineRoiSelector, widget.ui.refinePointsSelector = Selector(), Selector()
+    widget.updateGUIFromParameterNode()
+    assert widget.ui.refineSegmentSelector.currentNode() is node
+    assert widget.ui.refineSegmentSelector.currentSegmentID() == spleen
+    assert widget.ui.refineRoiSelector.currentNode() is roi and widget.ui.refinePointsSelector.currentNode() is points
+    widget.ui.refineRoiSelector.setCurrentNode(None)  # the user clears the box
+    widget.updateParameterNodeFromGUI()
+    assert parameters.GetNodeReference("RefineROI") is None and parameters.GetNodeReference("RefinePoints") is points
+    # an older scene without refine choices: the output segmentation is the one to refine
+    fresh = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    fresh.SetNodeReferenceID("OutputSegmentation", node.GetID())
+    fresh.SetNodeReferenceID("InputVolume", volume.GetID())
+    widget.logic.getParameterNode = lambda: fresh
+    widget.ui.refineSegmentSelector = SegmentSelector()
+    widget.updateGUIFromParameterNode()
+    assert widget.ui.refineSegmentSelector.currentNode() is node and widget.ui.refinePointsSelector.currentNode() \
+        is None
+    # an empty point list and no box: nothing starts, one message
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text))
+    widget.ui.refineSegmentSelector = SegmentSelector(node, liver)
+    widget.ui.refinePointsSelector = Selector(points)
+    widget.onRefine()
+    assert widget.refineRun is None and errors == ["To refine, choose a box (ROI) or points."]
+    # a placed point: the widget refines with the points alone
+    import time
+
+    import vtk
+
+    monkeypatch.setattr(mod.dependencies, "ensure_in_slicer", lambda *a, **k: True)
+    script = tmp_path / "fake_points.py"
+    script.write_text(FAKE_POINTS_REFINE)
+    real_start = widget.logic.startRefine
+    widget.logic.startRefine = lambda *a, **k: real_start(*a, **k, engine=lambda python, *args, **kw: [
+        sys.executable, str(script)] + refine_logic.refine_command(python, *args, **kw)[3:])
+    points.AddControlPoint(vtk.vtkVector3d(*_voxel_ras(volume, (11, 4, 3))))
+    liver_before, spleen_before = _mask(node, liver, volume), _mask(node, spleen, volume)
+    widget.onRefine()
+    deadline = time.monotonic() + 30
+    while widget.refineRun is not None and time.monotonic() < deadline:
+        widget.onRefinePoll()
+        time.sleep(0.05)
+    assert widget.ui.statusLabel.text.startswith("Refined:"), widget.ui.statusLabel.text
+    expected = liver_before.copy()
+    expected[3, 4, 11] = True
+    assert np.array_equal(_mask(node, liver, volume), expected)
+    assert np.array_equal(_mask(node, spleen, volume), spleen_before)

@@ -56,6 +56,20 @@ class Selector(Widget):
         self.node = node
 
 
+class SegmentSelector(Selector):
+    """qMRMLSegmentSelectorWidget: a segmentation node and one of its segment IDs."""
+
+    def __init__(self, node=None, segment_id=""):
+        super().__init__(node)
+        self.segment_id = segment_id
+
+    def currentSegmentID(self):
+        return self.segment_id
+
+    def setCurrentSegmentID(self, segment_id):
+        self.segment_id = segment_id
+
+
 class ComboBox(Widget):
     def __init__(self, items=()):
         super().__init__(items=list(items), index=0 if items else -1)
@@ -189,7 +203,8 @@ def segment_widget(monkeypatch, tmp_path):
         deviceComboBox=ComboBox([("auto", "auto"), ("cpu", "cpu")]), fastCheckBox=Widget(), show3DCheckBox=Widget(),
         samCheckpointPathLineEdit=Widget(currentPath=""), allOrgansCheckBox=Widget(), organsListWidget=ListWidget(),
         segmentButton=Widget(), cancelButton=Widget(), statusLabel=Widget(), progressBar=Widget(),
-        resultsTable=Widget())
+        resultsTable=Widget(), refineSegmentSelector=SegmentSelector(), refineRoiSelector=Selector(),
+        refinePointsSelector=Selector())
     widget.refreshModels()
     widget.initializeParameterNode()
     started = []

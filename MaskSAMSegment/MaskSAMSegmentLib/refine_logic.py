@@ -1,11 +1,13 @@
-"""Refine one segment with a box (a markups ROI): MRML in, ``python -m masksam_core.refine`` as a child process,
-that segment's new content back, undoable.
+"""Refine one segment with a box (a markups ROI) and/or points (a markups point list): MRML in,
+``python -m masksam_core.refine`` as a child process, that segment's new content back, undoable.
 
 Plain Python on MRML (no Qt), so that it is tested against slicer-core; Slicer is imported only by the functions
 that touch MRML, so that the ROI conversion and the command line are tested without it. The steps:
 
 1. :func:`roi_box_lps`: the ROI's world bounds (RAS) as the engine's box, ``x0,y0,z0,x1,y1,z1`` in LPS mm
-   (x and y negated);
+   (x and y negated); :func:`points_lps`: the point list's control points in world coordinates, each as
+   ``x,y,z`` in LPS mm (x and y negated) with its sign: a selected point (Slicer's default for a placed point) is
+   inside the organ, an unselected one outside it;
 2. :func:`write_refine_inputs`: the volume, and the segmentation as a labelmap on exactly the volume's grid, with
    the chosen segment at its organ's class value and every other segment at :data:`OTHER_VALUE` (another organ:
    refine keeps it);
@@ -37,6 +39,30 @@ def roi_box_lps(roi_node) -> Tuple[float, float, float, float, float, float]:
         raise ValueError("the box (ROI) has not been placed yet, or is flat across the slices: place it over the "
                          "organ in an axial slice view")
     return (-b[1], -b[3], b[4], -b[0], -b[2], b[5])
+
+
+Point = Tuple[float, float, float, bool]
+
+
+def points_lps(points_node) -> List[Point]:
+    """The point list's placed control points as (x, y, z, positive) in LPS mm: world RAS with x and y negated;
+    positive for a selected point (a newly placed point is selected), negative (outside the organ) for an
+    unselected one. Points not placed yet (their position undefined) are left out."""
+    out: List[Point] = []
+    defined = getattr(points_node, "PositionDefined", 2)
+    for i in range(points_node.GetNumberOfControlPoints()):
+        if points_node.GetNthControlPointPositionStatus(i) != defined:
+            continue
+        ras = [0.0, 0.0, 0.0]
+        points_node.GetNthControlPointPositionWorld(i, ras)
+        out.append((-float(ras[0]), -float(ras[1]), float(ras[2]), bool(points_node.GetNthControlPointSelected(i))))
+    return out
+
+
+def point_arguments(points: Sequence[Point]) -> List[str]:
+    """``--point=x,y,z,+`` (or ``,-``) of ``masksam_core.refine`` per point, to 0.001 mm, each in one argument (a
+    point starting with a negative number must be)."""
+    return ["--point=" + ",".join(f"{float(v):.3f}" for v in p[:3]) + (",+" if p[3] else ",-") for p in points]
 
 
 def box_argument(box: Sequence[float]) -> str:
@@ -94,29 +120,40 @@ def write_refine_inputs(volume_node, segmentation_node, segment_id: str, value: 
     return src, seg
 
 
-def refine_command(python: str, input_path: str, segmentation_path: str, organ: str, box: Sequence[float],
-                   output_path: str, model_dir: Optional[str] = None, device: str = "auto") -> List[str]:
-    """The refine command line, with JSON progress (the output goes to a fresh temporary folder); ``--box=...`` in
-    one argument, as a box starting with a negative number must be."""
-    cmd = [python, "-m", "masksam_core.refine", "-i", input_path, "-s", segmentation_path, "--organ", organ,
-           "--box=" + box_argument(box), "-o", output_path, "--device", device, "--progress", "json"]
+def refine_command(python: str, input_path: str, segmentation_path: str, organ: str,
+                   box: Optional[Sequence[float]], output_path: str, model_dir: Optional[str] = None,
+                   device: str = "auto", points: Sequence[Point] = ()) -> List[str]:
+    """The refine command line, with JSON progress (the output goes to a fresh temporary folder); ``--box=...``
+    (when there is a box) and each ``--point=...`` in one argument, as a value starting with a negative number
+    must be."""
+    cmd = [python, "-m", "masksam_core.refine", "-i", input_path, "-s", segmentation_path, "--organ", organ]
+    if box is not None:
+        cmd.append("--box=" + box_argument(box))
+    cmd += point_arguments(points)
+    cmd += ["-o", output_path, "--device", device, "--progress", "json"]
     if model_dir:
         cmd += ["--model", model_dir]
     return cmd
 
 
 def start_refine(volume_node, segmentation_node, segment_id: str, roi_node, model_dir: str, device: str = "auto",
-                 engine: Optional[Callable[..., List[str]]] = None):
+                 engine: Optional[Callable[..., List[str]]] = None, points_node=None):
     """Write the inputs and start the engine; returns (the running :class:`engine_process.EngineRun`, the class
-    value whose voxels :func:`apply_refined` takes). ``engine``: a command builder with :func:`refine_command`'s
-    arguments (tests pass a fake), default the real one."""
+    value whose voxels :func:`apply_refined` takes). ``roi_node`` (the box) or ``points_node`` (a markups point
+    list, :func:`points_lps`) may be None, not both (a ValueError). ``engine``: a command builder with
+    :func:`refine_command`'s arguments (tests pass a fake; ``points=`` only when there are points), default the
+    real one."""
     organ, value = segment_organ(segmentation_node, segment_id, model_dir)
-    box = roi_box_lps(roi_node)
+    box = roi_box_lps(roi_node) if roi_node is not None else None
+    points = points_lps(points_node) if points_node is not None else []
+    if box is None and not points:
+        raise ValueError("place a box (ROI) or points on the organ first")
+    extra = {"points": points} if points else {}
 
     def build(workdir: Path) -> List[str]:
         src, seg = write_refine_inputs(volume_node, segmentation_node, segment_id, value, workdir)
         return (engine or refine_command)(engine_process.slicer_python(), src, seg, organ, box,
-                                          str(workdir / "refined.nrrd"), model_dir, device)
+                                          str(workdir / "refined.nrrd"), model_dir, device, **extra)
 
     return engine_process.EngineRun(build), value
 

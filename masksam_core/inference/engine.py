@@ -230,6 +230,9 @@ class SlabEngine:
                                   openvino=resolve_runtime(model, options.runtime, self.device) == "openvino")
         self.encode_slices, self.runtime = model.encoder, "torch"
         self.stats = {"slabs": 0, "encoded_slices": 0, "decoded_queries": 0}  # filled by run()
+        # where the slab being decoded lies, (z0, y0, x0) in the volume and (oy, ox) on the canvas, set by run() before
+        # each slab: for a ``decode_items`` that lays out prompts of its own (refine's points, ``masksam_core.refine``)
+        self.slab_origin: Optional[Tuple[int, int, int, int, int]] = None
 
         threads, bf16 = torch.get_num_threads(), self.amp is not None
         if model.encoder_is_per_slice:
@@ -296,6 +299,7 @@ class SlabEngine:
                 nvalid = sum(valid)
                 slab[:nvalid, oy:oy + hy, ox:ox + wx] = volume[z0:z0 + nvalid, y0:y0 + hy, x0:x0 + wx]
                 x = torch.from_numpy(slab)[None, None].to(self.device)
+                self.slab_origin = (z0, y0, x0, oy, ox)
                 slab_prior = None
                 if prior is not None:
                     prompts = slab_prompts(crop_slab(prior, z0, d, y0, x0, s, (oy, ox)), model.config.num_queries,
