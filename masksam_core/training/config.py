@@ -271,6 +271,7 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
     except (OSError, ValueError) as exc:
         raise MaskSAMError(f"cannot resume: {path} is unreadable ({exc})") from None
     names = option_names()
+    first_given = saved.get("options_given") if isinstance(saved, dict) else None
     saved = {k: v for k, v in saved.items() if k in names}
     given_values = given.to_dict()
     differ = [f"{k} (given {given_values[k]!r}, saved {saved[k]!r})" for k in sorted(given_names & set(saved))
@@ -280,4 +281,7 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
                            f"differ from it: {'; '.join(differ)}. Leave them out, or start a new run in another "
                            f"--out folder.")
     kept = {k: given_values[k] for k in RESUME_MAY_CHANGE if k in given_names}
-    return merge_config({**saved, **kept, "resume": True, "overwrite": False}, {})
+    resumed = merge_config({**saved, **kept, "resume": True, "overwrite": False}, {})
+    if isinstance(first_given, list):  # what the interrupted run's user gave (its recipe line says so again)
+        resumed.given = sorted(set(first_given) | set(kept))
+    return resumed
