@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -160,7 +160,8 @@ def _stderr_progress(stage: str, done: int, total: int) -> None:
     print(f"\r{stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
-def split_validation(cfg: TrainConfig, cases: List[PreparedCase], progress: bool = True):
+def split_validation(cfg: TrainConfig, cases: List[PreparedCase], progress: bool = True
+                     ) -> Tuple[Dict[str, Optional[Set[int]]], Dict[str, Set[int]], Dict[str, object]]:
     """(slices trained on per case, None: all; held-out slices per case; the validation options of a default split)
     as the module docstring says; prints the default's choice (or why there is none) when ``progress``."""
     ids = [c.case_id for c in cases]
