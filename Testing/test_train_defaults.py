@@ -92,7 +92,8 @@ def test_a_bare_cpu_run_says_its_recipe_and_validates_on_a_held_out_case(tiny, t
     line = lines[0]
     assert re.match(r"recipe: cpu \((no CUDA device|--device cpu)\), new model: slab depth 4, 16 queries, "
                     r"class-bound matching, background threshold 0\.5, 6 steps \(4 prompt-generator steps, the "
-                    r"first 3 point-sampled\), lr 0\.003, 100 steps per epoch, 1 feature copies", line), line
+                    r"first 3 point-sampled\), lr 0\.003, 100 steps per epoch, 1 feature copy, 6 decoded queries "
+                    r"per slab;", line), line
     assert "given: --classes, --device cpu, --feature-copies 1, --max-steps 6, --spacing;" in line
     assert re.search(r"validation: across cases, case0[01] held out whole \(1 of 2 cases", err), err
     saved = json.loads((out / "train_config.json").read_text())
@@ -162,3 +163,16 @@ def test_default_model_yaml_has_no_dataset_specific_keys_and_loads_on_other_clas
                        {"data": str(root), "out": str(tmp_path / "m"), "cache_dir": str(tmp_path / "c")})
     data = prepare_data(cfg, cfg.classes, (3.0, 3.0, 6.0), NORM, progress=False)
     assert data.class_names == ["kidney", "lung", "heart"] and data.validation_record()["kind"] == "across cases"
+
+
+def test_a_resumed_run_says_what_its_first_run_was_given(tmp_path):
+    from masksam_core.train import parse_config
+    from masksam_core.training.config import TrainConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = {**TrainConfig(data="/d", out=str(out), max_steps=40, slab_depth=4).to_dict(),
+             "recipe_choice": "recipe: cpu ...", "options_given": ["data", "max_steps", "out"]}
+    (out / "train_config.json").write_text(json.dumps(saved))
+    cfg = parse_config(["--out", str(out), "--resume", "--device", "cpu"])
+    assert cfg.given == ["data", "device", "max_steps", "out", "resume"] and (cfg.max_steps, cfg.slab_depth) == (40, 4)

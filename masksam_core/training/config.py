@@ -247,7 +247,9 @@ def recipe_line(cfg: TrainConfig, recipe: str, why: str, filled: List[str], *, m
                                      f" ({prompt_steps} prompt-generator steps)" if prompt_steps else ""),
              f"lr {float(cfg.lr):g}", f"{cfg.steps_per_epoch} steps per epoch"]
     if recipe == "cpu":
-        parts += [f"{cfg.feature_copies} feature copies", f"{cfg.max_decoded} decoded queries per slab"]
+        copies = int(cfg.feature_copies)
+        parts += [f"{copies} feature cop{'y' if copies == 1 else 'ies'}",
+                  f"{cfg.max_decoded or 'all'} decoded queries per slab"]
     hidden = {"data", "out", "progress", "resume", "overwrite", "config"}
     given = [_option_text(k, getattr(cfg, k)) for k in cfg.given if k in option_names() and k not in hidden]
     return (f"recipe: {recipe} ({why}), {kind}: {', '.join(parts)}; "
