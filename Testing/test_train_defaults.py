@@ -36,7 +36,7 @@ def test_cpu_recipe_takes_the_measured_defaults_and_scales_the_schedule():
     assert (cfg.slab_depth, cfg.num_queries, cfg.feature_copies, cfg.max_decoded) == (4, 16, 4, 6)
     assert (cfg.lr, cfg.max_steps, cfg.steps_per_epoch, cfg.prompt_fraction) == (3e-3, 2150, 100, 0.7907)
     assert (cfg.point_aux_steps, cfg.background_threshold) == (1400, 0.5)
-    assert {"slab_depth", "point_aux_steps", "background_threshold", "max_steps"} <= set(filled)
+    assert {"slab_depth", "point_aux_steps", "background_threshold", "max_steps", "feature_copies"} <= set(filled)
     short, _ = _defaults({"max_steps": 430})  # the same proportions: 340 prompt-generator steps, 280 point-sampled
     assert (short.max_steps, int(short.prompt_fraction * 430), short.point_aux_steps) == (430, 340, 280)
     tiny_run, _ = _defaults({"max_steps": 2})  # one prompt step: no room for a point-sampled start
@@ -53,6 +53,7 @@ def test_given_options_win_over_the_recipe_defaults():
     assert (cfg.slab_depth, cfg.lr, cfg.point_aux_steps, cfg.background_threshold) == (2, 1e-3, 0, "none")
     assert (cfg.prompt_fraction, cfg.epochs, cfg.max_steps, cfg.steps_per_epoch) == (0.25, 3, None, 7)
     assert not {"slab_depth", "lr", "point_aux_steps", "background_threshold", "steps_per_epoch"} & set(filled)
+    assert "feature_copies" not in _defaults({"feature_copies": 2})[1]
     assert _defaults({"prompt_fraction": 0.5, "max_steps": 100})[0].point_aux_steps == 41  # 14/17 of 50
     assert _defaults({"background_threshold": "0.3"})[0].background_threshold == 0.3
     with pytest.raises(MaskSAMError, match="between 0 and 1, or none"):

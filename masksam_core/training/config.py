@@ -227,7 +227,8 @@ def apply_recipe_defaults(cfg: TrainConfig, recipe: str, num_classes: int) -> Tu
         k = int(prompt * float(table["point_aux_share"]) + 1e-6) if bound else 0
         out.point_aux_steps = max(0, min(k, prompt - 1))
         values["point_aux_steps"] = out.point_aux_steps
-    return out, sorted(values)
+    early = [n for n in CPU_ONLY_OPTIONS if recipe == "cpu" and n not in cfg.given]  # filled by merge_config
+    return out, sorted(set(values) | set(early))
 
 
 def _option_text(name: str, value: Any) -> str:
