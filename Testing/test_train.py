@@ -56,7 +56,8 @@ def _log(out: Path):
 def test_training_runs_loss_falls_and_predict_loads_the_model(tiny, dataset, tmp_path, capsys):
     out = tmp_path / "model"
     assert _train(["--data", str(dataset), "--out", str(out), "--max-steps", "40", "--steps-per-epoch", "20",
-                   "--val-cases", "case02", "--lr", "3e-3", "--precision", "fp32"] + COMMON) == 0
+                   "--val-cases", "case02", "--lr", "3e-3", "--precision", "fp32", "--prompt-fraction", "0.25"]
+                  + COMMON) == 0
     rows = [r for r in _log(out) if r["loss"]]
     first = np.mean([float(r["loss_aux_dice"]) for r in rows[:5]])
     last = np.mean([float(r["loss_aux_dice"]) for r in rows[-5:]])
@@ -465,7 +466,7 @@ def test_prompt_stage_length_new_model_fine_tuning_and_explicit():
     from masksam_core.training.config import merge_config
     from masksam_core.training.runner import prompt_steps_for
 
-    assert prompt_steps_for(merge_config({}, {}), 400, cached=True) == 100
+    assert prompt_steps_for(merge_config({}, {"prompt_fraction": 0.25}), 400, cached=True) == 100
     assert prompt_steps_for(merge_config({}, {"init_from": "m"}), 400, cached=True) == 0
     assert prompt_steps_for(merge_config({}, {"init_from": "m", "prompt_fraction": 0.75}), 400, cached=True) == 300
     assert prompt_steps_for(merge_config({"prompt_fraction": 0.5}, {}), 400, cached=False) == 0  # GPU recipe

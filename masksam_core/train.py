@@ -11,6 +11,11 @@ validation Dice), with ``latest/`` (updated every epoch), the training state for
 ``curves.png`` and ``summary.json``. Every option can also be given in a YAML or JSON ``--config`` file; the
 effective configuration is saved as ``train_config.json``.
 
+Options left out take the measured defaults of the recipe the run resolves to (``training.config.RECIPE_DEFAULTS``;
+on a CPU: slab depth 4, class-bound matching, background threshold 0.5, a point-sampled then dense prompt-generator
+stage); one line says which recipe was picked, why, and which options were given. Without a validation option,
+two or more cases validate on a held-out case and one case on held-out slices (``--val-fraction 0``: none).
+
 SIGTERM or Ctrl+C (Ctrl+Break on Windows) stops the run after the current step: a checkpoint for ``--resume`` and
 the model folder, marked as stopped at step k (``training.stopped`` in ``model.json``), are written, the line
 ``Stopped at step k of n; model saved to DIR`` is printed and the exit code is 0. A second one aborts at once.
@@ -22,8 +27,18 @@ import json
 from typing import Optional, Sequence
 
 from .cli_util import ask_torch_for_huge_pages, run_cli, spacing_argument
-from .training.config import (AUX_BCE_MODES, PROMPT_STAGE_PRECISIONS, TrainConfig, merge_config, read_config_file,
-                              resumed_config)
+from .training.config import (AUX_BCE_MODES, NO_THRESHOLD, PROMPT_STAGE_PRECISIONS, TrainConfig, merge_config,
+                              read_config_file, resumed_config)
+
+
+def threshold_argument(text: str):
+    """``--background-threshold``: a number, or "none" (the spec's fusion)."""
+    if text.strip().lower() == NO_THRESHOLD:
+        return NO_THRESHOLD
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number between 0 and 1, or {NO_THRESHOLD}, not {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class names to keep (default: all in dataset.json)")
     p.add_argument("--init-from", help="fine-tune this model folder")
     p.add_argument("--recipe", choices=("auto", "cpu", "gpu"),
-                   help="cpu: cached frozen-encoder features (default without CUDA); gpu: the spec's full recipe")
+                   help="cpu: cached frozen-encoder features (default without CUDA); gpu: the spec's full recipe; "
+                        "options left out take the recipe's measured defaults")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="default: 20 (2150 steps for a new model on the CPU recipe)")
     g.add_argument("--max-steps", type=int)
-    p.add_argument("--steps-per-epoch", type=int, help="steps between validations and checkpoints")
+    p.add_argument("--steps-per-epoch", type=int, help="steps between validations and checkpoints (default: 100 for "
+                   "a new model on the CPU recipe, 50 fine-tuning on it, 250 on the GPU recipe)")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="also write a resumable checkpoint every N steps (default: at epoch ends only)")
     v = p.add_mutually_exclusive_group()
     v.add_argument("--val-cases", help="comma-separated validation case ids")
-    v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
+    v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation; 0: no validation "
+                   "(without a validation option: one case in five, at least one, or with one case --val-slices auto)")
     v.add_argument("--val-slices", help="within-case split, e.g. 's1:18-23,42-47' (original slice indices), or "
                    "'auto': in every case, one block of 6 slices in four at the model's spacing (a quarter)")
     p.add_argument("--resume", action="store_true", default=None,
@@ -56,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int)
-    p.add_argument("--slab-depth", type=int)
-    p.add_argument("--num-queries", type=int)
+    p.add_argument("--slab-depth", type=int, help="slices per slab (default: 4 on the CPU recipe, 8 on the GPU one)")
+    p.add_argument("--num-queries", type=int, help="queries N (default 16; on the CPU recipe one per class when more)")
     p.add_argument("--spacing", type=spacing_argument, help="target spacing x,y,z (mm)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.003 for a new model on the CPU recipe, "
+                   "0.001 on the GPU one, 0.0003 fine-tuning)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--prompt-stage-precision", choices=PROMPT_STAGE_PRECISIONS,
@@ -70,11 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matching", choices=("auto", "hungarian", "class_bound"),
                    help="query-target matching: hungarian (the paper) or class_bound (query c <-> class c); "
                         "auto: class_bound for the cpu recipe")
-    p.add_argument("--background-threshold", type=float,
+    p.add_argument("--background-threshold", type=threshold_argument,
                    help="semantic fusion used for validation and stored in the model card: a voxel is background "
-                        "unless an organ's fused score exceeds this (default: the paper's background class)")
+                        "unless an organ's fused score exceeds this; none: the paper's background class competes "
+                        "(default: 0.5 for a new model on the CPU recipe, the base model's when fine-tuning, none on "
+                        "the GPU recipe)")
     p.add_argument("--prompt-fraction", type=float,
-                   help="CPU recipe: share of the steps that train the prompt generator alone (default 0.25; 0 with --init-from)")
+                   help="CPU recipe: share of the steps that train the prompt generator alone (default 0.7907; 0 with "
+                        "--init-from)")
     p.add_argument("--prior-fraction", type=float,
                    help="CPU recipe, class-bound matching: share of the decoder steps whose queries are prompted by "
                         "a perturbed atlas prior (the training labels shifted, scaled, bent, dropped or misplaced), "
@@ -82,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-aux-steps", type=int,
                    help="class-bound matching: the first K prompt-generator steps train the auxiliary masks at "
                         "sampled points, the rest on every pixel; the learning rate restarts at the switch "
-                        "(default 0: every pixel from the start)")
+                        "(default on the CPU recipe, new model: 14/17 of the prompt-generator steps; else 0)")
     p.add_argument("--aux-bce", choices=AUX_BCE_MODES,
                    help="class-bound matching: BCE of the auxiliary masks on every pixel, a plain mean over each "
                         "slice (mean) or half on the organ's pixels and half on the rest (balanced; small organs "
@@ -90,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="preprocessing and feature cache folder (default: DATA/.masksam_cache)")
     p.add_argument("--progress", choices=("bar", "json"))
     p.add_argument("--name", help="model name for the card")
+    p.add_argument("--description", help="model description for the card")
     p.add_argument("--atlas-cases", type=int,
                    help="training cases kept in the model folder as its atlas, registered onto each scan at "
                         "prediction to locate the organs (default 3; fine-tuning adds to the base model's; 0: none)")

@@ -6,16 +6,18 @@ Validation split (one of):
   ``val_slices`` "auto": in every case, the last block of each four blocks of 6 model-space slices (a quarter of
   the slices, 18 mm blocks at 3 mm; the split of the example CT's README), whatever the file's orientation;
 - ``val_cases``: whole cases;
-- ``val_fraction``: a seeded random fraction of the cases;
-- none: no validation (the last model is kept).
+- ``val_fraction``: a seeded random fraction of the cases; 0: no validation (the last model is kept);
+- none of them (the default): with two or more cases, ``DEFAULT_VAL_FRACTION`` of the cases (at least one, chosen
+  by the seed) are held out whole ("across cases"); a single case holds out slices as ``val_slices`` "auto" does
+  ("within case"); a case too thin for that trains without validation, and the log says so and what to do.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +55,7 @@ def parse_slice_ranges(text: str) -> Dict[str, Set[int]]:
     return out
 
 
+DEFAULT_VAL_FRACTION = 0.2  # no validation option given, two or more cases: this share of them (at least one)
 AUTO_VAL_BLOCK = 6  # --val-slices auto: model-space slices per held-out block
 AUTO_VAL_PERIOD = 4  # one block in four is held out
 
@@ -89,6 +92,8 @@ class TrainingData:
     norm: Dict
     cache_dir: Path
     prep_key: str
+    # the validation options that say what the split was when none was given (train_config.json records them)
+    validation_options: Dict[str, object] = field(default_factory=dict)
 
     def validation_record(self) -> Dict[str, object]:
         """What the validation measures, for the model card: ``kind`` "across cases" (whole cases held out, never
@@ -155,27 +160,46 @@ def _stderr_progress(stage: str, done: int, total: int) -> None:
     print(f"\r{stage}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
-def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: Dict, progress: bool = True) -> TrainingData:
-    spec = discover_dataset(cfg.data)
-    class_map = select_classes(spec, classes, cfg.class_map)
-    check_dataset(spec, class_map)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".masksam_cache"
-    cases = build_cache(spec, class_map, spacing, norm, cache_dir, _stderr_progress if progress else None)
+def split_validation(cfg: TrainConfig, cases: List[PreparedCase], progress: bool = True
+                     ) -> Tuple[Dict[str, Optional[Set[int]]], Dict[str, Set[int]], Dict[str, object]]:
+    """(slices trained on per case, None: all; held-out slices per case; the validation options of a default split)
+    as the module docstring says; prints the default's choice (or why there is none) when ``progress``."""
     ids = [c.case_id for c in cases]
     train_z: Dict[str, Optional[Set[int]]] = {cid: None for cid in ids}
     val_z: Dict[str, Set[int]] = {}
-    if cfg.val_slices and cfg.val_slices.strip().lower() == "auto":
+    chosen: Dict[str, object] = {}
+    note = None
+    slice_text = cfg.val_slices.strip().lower() if cfg.val_slices else ""
+    if not (slice_text or cfg.val_cases or cfg.val_fraction is not None):  # the default: see the module docstring
+        if len(ids) > 1:
+            n = max(1, int(round(DEFAULT_VAL_FRACTION * len(ids))))
+            chosen = {"val_cases": sorted(np.random.default_rng(cfg.seed).permutation(ids)[:n].tolist())}
+            note = (f"validation: across cases, {', '.join(chosen['val_cases'])} held out whole ({n} of {len(ids)} "
+                    f"cases, chosen by --seed; --val-cases, --val-slices or --val-fraction 0 to choose otherwise)")
+        else:
+            slice_text, chosen = "auto", {"val_slices": "auto"}
+    if slice_text == "auto":
         for case in cases:
             mz = auto_validation_slices(case.image.shape[0])
             if mz:
                 val_z[case.case_id] = mz
                 train_z[case.case_id] = set(range(case.image.shape[0])) - mz
-        if progress:
-            held = sum(len(v) for v in val_z.values())
-            total = sum(c.image.shape[0] for c in cases)
-            print(f"--val-slices auto: {held} of {total} slices held out for validation" if held else
-                  f"--val-slices auto: no case has more than {(AUTO_VAL_PERIOD - 1) * AUTO_VAL_BLOCK} slices at "
-                  f"the model's spacing; training without validation", file=sys.stderr, flush=True)
+        held = sum(len(v) for v in val_z.values())
+        total = sum(c.image.shape[0] for c in cases)
+        least = (AUTO_VAL_PERIOD - 1) * AUTO_VAL_BLOCK + 1
+        if chosen and held:
+            note = (f"validation: within case, {held} of {total} slices of {ids[0]} held out (--val-slices auto, "
+                    f"the default for one case: it measures the same subject, not others; give a second case to "
+                    f"validate across cases, or --val-fraction 0 for none)")
+        elif chosen:
+            chosen = {"val_fraction": 0.0}
+            note = (f"validation: none, training without validation: {ids[0]} has {total} slices at the model's "
+                    f"spacing and holding slices out needs {least} or more; give a second case, or --val-slices "
+                    f"CASE:RANGES")
+        else:
+            note = (f"--val-slices auto: {held} of {total} slices held out for validation" if held else
+                    f"--val-slices auto: no case has more than {least - 1} slices at the model's spacing; "
+                    f"training without validation")
     elif cfg.val_slices:
         ranges = parse_slice_ranges(cfg.val_slices)
         for cid, zs in ranges.items():
@@ -185,25 +209,40 @@ def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: 
             mz = case.model_z_for_original(zs)
             val_z[cid] = mz
             train_z[cid] = set(range(case.image.shape[0])) - mz
-    elif cfg.val_cases:
-        unknown = [c for c in cfg.val_cases if c not in ids]
+    held_cases = chosen.get("val_cases") or (cfg.val_cases if not cfg.val_slices else None)
+    if held_cases:
+        unknown = [c for c in held_cases if c not in ids]
         if unknown:
             raise InputError(f"--val-cases names unknown case(s) {', '.join(unknown)}")
-        for cid in cfg.val_cases:
+        for cid in held_cases:
             val_z[cid] = set(range(next(c for c in cases if c.case_id == cid).image.shape[0]))
             train_z[cid] = set()
-    elif cfg.val_fraction:
+    elif cfg.val_fraction and not cfg.val_slices:
         rng = np.random.default_rng(cfg.seed)
         n = max(1, int(round(cfg.val_fraction * len(ids)))) if len(ids) > 1 else 0
         for cid in rng.permutation(ids)[:n].tolist():
             val_z[cid] = set(range(next(c for c in cases if c.case_id == cid).image.shape[0]))
             train_z[cid] = set()
+    elif cfg.val_fraction == 0 and not chosen:
+        note = "validation: none (--val-fraction 0): the last model is kept"
+    if progress and note:
+        print(note, file=sys.stderr, flush=True)
+    return train_z, val_z, chosen
+
+
+def prepare_data(cfg: TrainConfig, classes: Optional[List[str]], spacing, norm: Dict, progress: bool = True) -> TrainingData:
+    spec = discover_dataset(cfg.data)
+    class_map = select_classes(spec, classes, cfg.class_map)
+    check_dataset(spec, class_map)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".masksam_cache"
+    cases = build_cache(spec, class_map, spacing, norm, cache_dir, _stderr_progress if progress else None)
+    train_z, val_z, chosen = split_validation(cfg, cases, progress)
     if not any(v is None or v for v in train_z.values()):
         raise InputError("no training slices left after the validation split")
     from ..data.cache import cache_key as prep_key
 
     return TrainingData(cfg, class_map.names, cases, train_z, val_z, norm, cache_dir,
-                        prep_key(spec, class_map, spacing, norm))
+                        prep_key(spec, class_map, spacing, norm), chosen)
 
 
 class VolumeSource:

@@ -20,6 +20,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,7 +40,8 @@ from ..model.card_text import write_card_readme
 from ..model.folder import load_model, save_model_folder
 from ..model.masksam import MaskSAM
 from ..model.recipes import architecture_for_recipe
-from .config import SAVED_CONFIG, TrainConfig
+from .config import (NO_THRESHOLD, RECIPE_DEFAULTS, SAVED_CONFIG, TrainConfig, apply_recipe_defaults, max_steps_of,
+                     recipe_line, resolve_recipe)
 from .loop import LoopConfig, Trainer
 from .progress_log import Progress, TrainingLog, plot_curves
 from .sources import PriorTraining
@@ -159,12 +161,14 @@ def hardware() -> str:
 
 
 def prompt_steps_for(cfg: TrainConfig, max_steps: int, cached: bool) -> int:
-    """Steps of the prompt-generator-only stage (CPU recipe only). ``prompt_fraction`` None: a quarter of the run
-    for a new model, none when fine-tuning (the prompt generator is already trained); an explicit value is honoured
-    in both cases (e.g. to continue the prompt generator of a model with a changed auxiliary loss)."""
+    """Steps of the prompt-generator-only stage (CPU recipe only). ``prompt_fraction`` None: the CPU recipe's
+    (``RECIPE_DEFAULTS``: most of the run for a new model, none when fine-tuning, whose prompt generator is already
+    trained); an explicit value is honoured in both cases (e.g. to continue the prompt generator of a model with a
+    changed auxiliary loss)."""
     if not cached:
         return 0
-    fraction = cfg.prompt_fraction if cfg.prompt_fraction is not None else (0.0 if cfg.init_from else 0.25)
+    fraction = cfg.prompt_fraction if cfg.prompt_fraction is not None else \
+        RECIPE_DEFAULTS[("cpu", "fine-tune" if cfg.init_from else "new")]["prompt_fraction"]
     return int(fraction * max_steps)
 
 
@@ -246,7 +250,7 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
     if device.type == "cpu":
         torch.set_num_threads(physical_cores())
     tune_allocator()  # large per-step tensors stay out of mmap/munmap (see inference/allocator.py)
-    recipe = cfg.recipe if cfg.recipe != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    recipe, why = resolve_recipe(cfg.recipe, device.type, cfg.device, torch.cuda.is_available())
     # Training and validation follow autocast_dtype: bf16 on CUDA, fp32 on the CPU unless --precision bf16 (they run
     # on torch, whose bf16 lost an organ at inference; see autocast_dtype), and with torch 2.14 bf16 autocast
     # back-propagation gave run-to-run differences and NaN losses on the decoder stage (measured; see
@@ -279,6 +283,8 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
         dist.barrier()  # rank 0 builds the caches first; the others then reuse them
     data = prepare_data(cfg, classes, spacing, normalization, progress=main_proc)
     classes = data.class_names
+    cfg, filled = apply_recipe_defaults(replace(cfg, **data.validation_options), recipe, len(classes) + 1)
+    data.cfg = cfg
     if base_card is None:
         backbone = load_backbone(cfg.backbone, sam_checkpoint=cfg.sam_checkpoint, input_size=cfg.input_size)
         config = architecture_for_recipe(recipe, len(classes) + 1, cfg.slab_depth, cfg.num_queries,
@@ -295,18 +301,22 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
               f", {len(classes)} classes, "
               f"D={config.slab_depth}, N={config.num_queries}, {world} process(es)", file=sys.stderr, flush=True)
     matching = resolve_matching(cfg.matching, cached, config, base_card)
-    background_threshold = cfg.background_threshold
-    if background_threshold is None and base_card is not None:
+    background_threshold = None if cfg.background_threshold == NO_THRESHOLD else cfg.background_threshold
+    if cfg.background_threshold is None and base_card is not None:
         background_threshold = base_card.background_threshold  # fine-tuning keeps the base model's fusion
-    steps_per_epoch = cfg.steps_per_epoch or (50 if recipe == "cpu" else 250)
-    max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 20) * steps_per_epoch
-    loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch,
-                          lr=cfg.lr or (3e-4 if cfg.init_from else 1e-3),
+    steps_per_epoch = int(cfg.steps_per_epoch)
+    max_steps = max_steps_of(cfg)
+    loop_cfg = LoopConfig(max_steps=max_steps, steps_per_epoch=steps_per_epoch, lr=float(cfg.lr),
                           prompt_steps=prompt_steps_for(cfg, max_steps, cached),
                           decode_all=recipe == "gpu", num_points=cfg.num_points, precision=cfg.precision,
                           max_decoded=cfg.max_decoded if cached else 0, matching=matching,
                           background_threshold=background_threshold, point_aux_steps=int(cfg.point_aux_steps),
                           aux_bce=cfg.aux_bce)
+    choice = recipe_line(cfg, recipe, why, filled, matching=matching, max_steps=max_steps,
+                         prompt_steps=loop_cfg.prompt_steps, slab_depth=config.slab_depth,
+                         num_queries=config.num_queries, background_threshold=background_threshold)
+    if main_proc:
+        print(choice, file=sys.stderr, flush=True)
     check_aux_options(loop_cfg)
     prior = prior_training_for(cfg, loop_cfg, cached, model, spacing)
     source = data.make_source(model, cached=cached, device=device, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -327,6 +337,7 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
         "feature_precision": getattr(source, "feature_precision", None),
         "command": command_line(), "hardware": hardware(), "processes": world,
         "init_from": cfg.init_from, "dataset": str(cfg.data), "validation": data.validation_record(),
+        "recipe_choice": choice,
     }
     if base_card is not None:  # lineage: the base model's own training record (and, nested, its bases')
         card_training["base_training"] = dict(base_card.training)
@@ -357,7 +368,9 @@ def run_training(cfg: TrainConfig, stop: Optional[Callable[[], bool]] = None) ->
         out.mkdir(parents=True, exist_ok=True)
         with atomic_output(out / SAVED_CONFIG, overwrite=True) as tmp:  # --resume reads it back
             # the classes as resolved (the dataset's, or a fine-tuned model's base's), so the file says what it trained
-            tmp.write_text(json.dumps({**cfg.to_dict(), "classes": list(classes)}, indent=2) + "\n")
+            # and what chose the recipe's values (records, which a --config of this file ignores)
+            tmp.write_text(json.dumps({**cfg.to_dict(), "classes": list(classes), "recipe_choice": choice,
+                                       "options_given": list(cfg.given)}, indent=2) + "\n")
     atlas_record: Dict = {}
     if main_proc and cfg.atlas_cases and matching == "class_bound":
         atlas_record = _write_atlas(cfg, data, classes, normalization, out)
