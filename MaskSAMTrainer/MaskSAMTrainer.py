@@ -240,7 +240,8 @@ class MaskSAMTrainerLogic(ScriptedLoadableModuleLogic):
         self.lastOutput = out
         self.curves.reset()
         cmd = train_process.train_command(engine_process.slicer_python(), dataset, out, base, steps, device, classes,
-                                          val_slices="auto" if holdOut else None)
+                                          val_slices="auto" if holdOut else None,
+                                          val_fraction=None if holdOut else 0.0)
         return engine_process.EngineRun(lambda _wd: cmd, outputs=[out])
 
     def finishTraining(self, run, code):

@@ -180,3 +180,10 @@ def test_the_stub_engine_speaks_predicts_protocol(tmp_path):
         pass
     run.cancel(grace_s=5)
     assert run.process.poll() is not None and list(out2.parent.iterdir()) == []
+
+
+def test_train_command_without_hold_out_asks_for_no_validation():
+    """Train validates by default; the Trainer's unticked hold-out must say 0, not leave the option out."""
+    cmd = train_process.train_command("py", "/ds", "/m", "/base", 40, "cpu", ["liver"], val_fraction=0.0)
+    assert cmd[cmd.index("--val-fraction") + 1] == "0.0" and "--val-slices" not in cmd
+    assert "--val-fraction" not in train_process.train_command("py", "/ds", "/m", "/base", 40, "cpu", ["liver"])

@@ -136,6 +136,7 @@ def test_trainer_stop_keeps_a_partial_model_in_a_fresh_folder(monkeypatch, tmp_p
     run = logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "model"), "/base", 40, "cpu", CLASSES)
     assert logic.lastOutput == str(tmp_path / "model-2")
     assert commands[0][commands[0].index("--checkpoint-every") + 1] == "10"
+    assert commands[0][commands[0].index("--val-slices") + 1] == "auto"  # hold-out ticked by default
     deadline = time.monotonic() + 20
     while run.poll() is None and not any('"done": 3' in line for line in run.log) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -147,3 +148,11 @@ def test_trainer_stop_keeps_a_partial_model_in_a_fresh_folder(monkeypatch, tmp_p
     assert result.kind == "stopped" and result.model == str(tmp_path / "model-2")
     assert train_process.parse_stopped_line(run.log[-1])["folder"] == str(tmp_path / "model-2")
     run.cleanup()
+    # hold-out unticked: no validation asked for explicitly (train would otherwise pick its default one)
+    second = logic.startTraining(str(tmp_path / "ds"), str(tmp_path / "model"), "/base", 40, "cpu", CLASSES,
+                                 holdOut=False)
+    second.request_stop(0.0)
+    while second.poll() is None and time.monotonic() < deadline + 20:
+        time.sleep(0.02)
+    second.cleanup()
+    assert commands[1][commands[1].index("--val-fraction") + 1] == "0.0" and "--val-slices" not in commands[1]

@@ -26,13 +26,14 @@ def train_command(python: str, dataset: str, out: str, init_from: Optional[str],
                   classes: Sequence[str], val_fraction: Optional[float] = None,
                   val_slices: Optional[str] = None) -> list:
     """The ``python -m masksam_core.train`` command line; ``val_slices`` "auto" holds out a quarter of each case's
-    slices (validated before the first step and after the last)."""
+    slices (validated before the first step and after the last), ``val_fraction`` 0 validates nothing; with
+    neither, train picks its default validation."""
     cmd = [python, "-m", "masksam_core.train", "--data", dataset, "--out", out, "--max-steps", str(max_steps),
            "--device", device, "--progress", "json", "--classes", ",".join(classes),
            "--checkpoint-every", str(checkpoint_every(max_steps))]
     if init_from:
         cmd += ["--init-from", init_from]
-    if val_fraction:
+    if val_fraction is not None:  # 0: no validation (train's default would hold some out)
         cmd += ["--val-fraction", str(val_fraction)]
     if val_slices:
         cmd += ["--val-slices", val_slices]
