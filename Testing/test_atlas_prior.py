@@ -425,3 +425,23 @@ def test_a_thin_mr_like_slab_is_registered_at_the_right_height(s1):
     for name in ("liver", "kidney_right", "spleen"):
         assert _dice(warped == ORGANS[name], truth == ORGANS[name]) > 0.6, (name, reg.quality)
     assert len(reg.quality["z_starts_mm"]) >= 2  # several starts were tried
+    assert reg.quality["deformable"] and "pseudo-CT" in reg.summary()["method"]
+
+
+def test_the_pseudo_ct_maps_an_mr_like_contrast_back_to_ct_values(s1):
+    """After a good (here: identity) affine, each MR intensity bin takes the CT value of the tissue it holds: the
+    pseudo-CT matches the CT inside the body (demons can then run across modalities), the air outside is the
+    clamp's floor."""
+    from masksam_core.atlas.registration import CT_CLAMP, body_mask, pseudo_ct, to_registration_grid
+
+    image, _ = s1
+    ct = to_registration_grid(image)
+    mr = to_registration_grid(_mr_like(image))
+    ct_arr = np.clip(sitk.GetArrayFromImage(ct), *CT_CLAMP).astype(np.float32)
+    ct_img = sitk.GetImageFromArray(ct_arr)
+    ct_img.CopyInformation(ct)
+    body = body_mask(sitk.GetArrayFromImage(mr), "MR")
+    out = sitk.GetArrayFromImage(pseudo_ct(mr, body, ct_img, sitk.AffineTransform(3)))
+    err = np.abs(out[body] - ct_arr[body])
+    assert np.median(err) < 40 and np.corrcoef(out[body], ct_arr[body])[0, 1] > 0.8, (np.median(err),)
+    assert (out[~body] == CT_CLAMP[0]).all()

@@ -3,7 +3,9 @@
 One labelled case (the atlas) is registered onto the scan with SimpleITK: both on LPS axes at a coarse isotropic
 spacing, a robust initialisation (body centroids in-plane; an exhaustive search of the z offset, since the scan may
 hold only a few centimetres of the atlas or extend far beyond it), then an affine stage maximising Mattes mutual
-information (works for CT to CT and across modalities) inside the scan's body. The result carries its quality
+information (works for CT to CT and across modalities) inside the scan's body; across modalities the similarity
+stage starts from several z offsets (:func:`z_start_candidates`). A deformable stage (demons; for an MR on a
+pseudo-CT, :func:`pseudo_ct`) refines a plausible affine. The result carries its quality
 (the affine's scales, the overlap of the two bodies, the final metric, the share of the scan the atlas covers) so
 that an implausible registration can be refused instead of placing organs where they are not.
 
@@ -57,7 +59,8 @@ class Registration:
         t = self.affine or sitk.AffineTransform(3)
         method = "affine (SimpleITK, Mattes mutual information)"
         if self.quality.get("deformable"):
-            method += " + symmetric-forces demons"
+            method += " + symmetric-forces demons" + ("" if self.quality.get("modality", "CT") == "CT"
+                                                       else " on a pseudo-CT")
         return {"method": method,
                 "matrix": [round(v, 5) for v in t.GetMatrix()],
                 "translation_mm": [round(v, 3) for v in t.GetTranslation()],
@@ -209,8 +212,7 @@ def initial_transform(scan: sitk.Image, scan_body: np.ndarray, atlas: sitk.Image
 def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", iterations: int = 100,
              deformable: bool = True) -> Registration:
     """Register ``atlas_image`` (a CT) onto ``scan`` (``modality`` "CT" or "MR"); see the module docstring.
-    ``deformable``: refine a plausible CT-to-CT affine with :func:`demons_stage` (not across modalities: demons
-    matches intensities)."""
+    ``deformable``: refine a plausible affine with :func:`demons_stage` (across modalities on :func:`pseudo_ct`)."""
     start = time.perf_counter()
     fixed = to_registration_grid(scan)
     moving = to_registration_grid(atlas_image)
@@ -222,6 +224,7 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
         t = sitk.AffineTransform(3)
         return Registration(t, t, {"seconds": time.perf_counter() - start}, False, "no body found in the scan")
     init, init_quality = initial_transform(fixed, fixed_body, moving, moving_body, modality)
+    init_quality["modality"] = modality
 
     fixed_m = sitk.GetImageFromArray(_intensity_for_matching(fixed_arr, modality))
     fixed_m.CopyInformation(fixed)
@@ -272,14 +275,41 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
     plausible, reason = assess(quality)
     full: sitk.Transform = transform
     quality["deformable"] = False
-    if plausible and deformable and modality == "CT":
-        field_t, stats = demons_stage(fixed_m, moving_m, transform)
+    if plausible and deformable:
+        # demons matches intensities: across modalities it runs on the scan mapped to CT values (pseudo_ct)
+        target = fixed_m if modality == "CT" else pseudo_ct(fixed_m, fixed_body, moving_m, transform)
+        field_t, stats = demons_stage(target, moving_m, transform)
         full = sitk.CompositeTransform([transform, field_t])
         quality.update(stats)
         quality["deformable"] = True
         quality["body_dice_deformable"] = body_overlap(full, fixed, fixed_body, body_img)["body_dice"]
     quality["seconds"] = time.perf_counter() - start
     return Registration(full, transform, quality, plausible, reason)
+
+
+PSEUDO_CT_BINS = 64
+
+
+def pseudo_ct(fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.Image, affine: sitk.Transform) -> sitk.Image:
+    """The scan (an MR, on the registration grid) mapped to CT values for demons: each of ``PSEUDO_CT_BINS``
+    intensity bins of the scan's body takes the median of the affinely warped atlas CT (clamped) over that bin's
+    voxels; outside the body, the clamp's floor. A joint-histogram intensity mapping: after a good affine most
+    voxels of a bin lie in one tissue, so the map is that tissue's CT value, and demons then matches shapes."""
+    arr = sitk.GetArrayViewFromImage(fixed)
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, float(CT_CLAMP[0])))
+    inside = np.asarray(arr)[fixed_body]
+    lo, hi = float(inside.min()), float(inside.max())
+    bins = np.clip(((np.asarray(arr) - lo) / max(hi - lo, 1e-6) * PSEUDO_CT_BINS).astype(np.int64), 0,
+                   PSEUDO_CT_BINS - 1)
+    body_bins, body_ct = bins[fixed_body], warped[fixed_body]
+    lut = np.full(PSEUDO_CT_BINS, float(CT_CLAMP[0]), np.float32)
+    for b in range(PSEUDO_CT_BINS):
+        values = body_ct[body_bins == b]
+        if values.size >= 20:
+            lut[b] = np.median(values)
+    out = sitk.GetImageFromArray(np.where(fixed_body, lut[bins], np.float32(CT_CLAMP[0])).astype(np.float32))
+    out.CopyInformation(fixed)
+    return out
 
 
 DEMONS_ITERATIONS = 50  # at half resolution

@@ -57,7 +57,7 @@ class Atlas:
 
     def card_record(self) -> Dict[str, object]:
         """What the model card records about the atlas (method, spacing, each case's source and licence)."""
-        return {"folder": ATLAS_DIR, "method": "registered atlas (SimpleITK affine, Mattes mutual information; demons for CT)",
+        return {"folder": ATLAS_DIR, "method": "registered atlas (SimpleITK affine, Mattes mutual information; demons, for MR on a pseudo-CT)",
                 "spacing": [float(s) for s in self.spacing],
                 "cases": [{k: v for k, v in c.record().items() if k not in ("image", "labels")} for c in self.cases]}
 
