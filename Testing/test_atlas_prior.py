@@ -190,6 +190,9 @@ def test_modality_is_told_by_the_dicom_tag_or_the_intensities():
     assert guess_modality(ct) == ("CT", "intensities")
     mr = sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 800, (10, 20, 20)).astype(np.float32))
     assert guess_modality(mr) == ("MR", "intensities")
+    # a CT cropped inside the body (no air) still holds fat: CT, not MR
+    fat_and_tissue = np.where(np.random.default_rng(1).random((10, 20, 20)) < 0.2, -100.0, 40.0)
+    assert guess_modality(sitk.GetImageFromArray(fat_and_tissue.astype(np.float32)))[0] == "CT"
     tagged = sitk.Image(ct)
     tagged.SetMetaData("0008|0060", "MR")
     assert guess_modality(tagged) == ("MR", "DICOM tag")

@@ -44,8 +44,9 @@ ORIGIN = (123.4, 87.6, -50.2)
 
 def _scan():
     """(image, segmentation, liver cube index ranges): a 48 x 40 x 12 CT at 2 x 2 x 4 mm; an off-centre, non-square
-    bright block (the "liver", 200 HU) on slices 2-9 and a spleen block beside it."""
+    bright block (the "liver", 200 HU) on slices 2-9 and a spleen block beside it, a strip of fat at the front."""
     arr = np.zeros((12, 40, 48), np.float32)  # (z, y, x); 0 HU: all body
+    arr[:, 0:2, :] = -100.0  # a strip of fat: a CT's intensities (an image with neither air nor fat reads as MR)
     seg = np.zeros(arr.shape, np.uint8)
     arr[2:10, 6:16, 28:44] = 200.0
     seg[2:10, 6:16, 28:44] = LIVER
@@ -120,6 +121,7 @@ def test_on_a_volume_wider_than_a_tile_each_tile_is_prompted_with_its_part_of_th
     part in each tile is where that tile's canvas shows the block."""
     model, card = tiny
     arr = np.zeros((6, 40, 100), np.float32)
+    arr[:, 0:2, :] = -100.0  # fat, as in _scan
     arr[1:5, 8:20, 50:90] = 200.0
     image = sitk.GetImageFromArray(arr)
     image.SetSpacing((2.0, 2.0, 4.0))
@@ -283,9 +285,8 @@ def test_command_line_writes_once_and_errors_in_one_line(tiny_folder, tmp_path, 
     assert "cannot write a labelmap as x.png" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_refining_the_real_liver_with_a_box_brings_it_back(totalseg_dir, tmp_path):
-    """s1 with the liver deleted on a few slices: a box around the true liver there gives its Dice back."""
+def _bundled_model_and_s1(totalseg_dir):
+    """(model, card, s1's CT, its labels in the card's values, their array); skips without the bundled model."""
     from masksam_core.predict import default_model_dir
 
     if not (default_model_dir() / "model.json").exists():
@@ -295,7 +296,13 @@ def test_refining_the_real_liver_with_a_box_brings_it_back(totalseg_dir, tmp_pat
     model, card = load_model(default_model_dir())
     ct = sitk.ReadImage(str(totalseg_dir / "s1_ct.nii.gz"), sitk.sitkFloat32)
     labels = _s1_labels(totalseg_dir, card)
-    arr = sitk.GetArrayFromImage(labels)
+    return model, card, ct, labels, sitk.GetArrayFromImage(labels)
+
+
+@pytest.mark.slow
+def test_refining_the_real_liver_with_a_box_brings_it_back(totalseg_dir, tmp_path):
+    """s1 with the liver deleted on a few slices: a box around the true liver there gives its Dice back."""
+    model, card, ct, labels, arr = _bundled_model_and_s1(totalseg_dir)
     liver = organ_value(card, "liver")
     zs = np.nonzero((arr == liver).any(axis=(1, 2)))[0]
     # the input's k axis: a few slices in the liver's middle (s1 is stored with k along z)
@@ -550,16 +557,7 @@ def test_bad_points_are_one_clear_error(tiny, tiny_folder, tmp_path, capsys):
 def test_points_alone_mend_a_partly_missing_real_organ(totalseg_dir):
     """s1 with the spleen's half beyond its median column removed on 5 slices: two positive points there (on the
     first and last of those slices) bring its Dice on them up (0.73 -> 0.90 measured)."""
-    from masksam_core.predict import default_model_dir
-
-    if not (default_model_dir() / "model.json").exists():
-        pytest.skip("the bundled default model is not installed")
-    from masksam_core.model.folder import load_model
-
-    model, card = load_model(default_model_dir())
-    ct = sitk.ReadImage(str(totalseg_dir / "s1_ct.nii.gz"), sitk.sitkFloat32)
-    labels = _s1_labels(totalseg_dir, card)
-    arr = sitk.GetArrayFromImage(labels)
+    model, card, ct, labels, arr = _bundled_model_and_s1(totalseg_dir)
     spleen = organ_value(card, "spleen")
     zs = np.nonzero((arr == spleen).any(axis=(1, 2)))[0]
     ks = (int(zs[len(zs) // 2]) - 2, int(zs[len(zs) // 2]) + 2)
