@@ -177,3 +177,23 @@ def test_a_resumed_run_says_what_its_first_run_was_given(tmp_path):
     (out / "train_config.json").write_text(json.dumps(saved))
     cfg = parse_config(["--out", str(out), "--resume", "--device", "cpu"])
     assert cfg.given == ["data", "device", "max_steps", "out", "resume"] and (cfg.max_steps, cfg.slab_depth) == (40, 4)
+    assert not cfg.legacy
+
+
+def test_a_run_saved_before_the_recipe_defaults_resumes_with_the_defaults_it_started_with(tmp_path):
+    """A train_config.json written before the recipe defaults existed (no "recipe_choice") left the schedule and the
+    fusion unset, which then meant a quarter of the steps for the prompt generator, the spec's fusion and 20 epochs
+    of 50 steps on a CPU: --resume must continue that run, not switch it to today's recipe halfway."""
+    from masksam_core.train import parse_config
+    from masksam_core.training.config import NO_THRESHOLD, TrainConfig, apply_recipe_defaults
+
+    out = tmp_path / "old_run"
+    out.mkdir()
+    old = TrainConfig(data="/d", out=str(out), slab_depth=8, num_queries=16, point_aux_steps=0).to_dict()
+    assert old["prompt_fraction"] is None and old["background_threshold"] is None and old["max_steps"] is None
+    (out / "train_config.json").write_text(json.dumps(old))
+    cfg = parse_config(["--out", str(out), "--resume", "--device", "cpu"])
+    assert cfg.legacy
+    filled, _ = apply_recipe_defaults(cfg, "cpu", 4)
+    assert (filled.prompt_fraction, filled.background_threshold, filled.lr) == (0.25, NO_THRESHOLD, 1e-3)
+    assert (filled.epochs, filled.steps_per_epoch, filled.point_aux_steps, filled.slab_depth) == (20, 50, 0, 8)

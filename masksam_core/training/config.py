@@ -42,6 +42,15 @@ RECIPE_DEFAULTS: Dict[Tuple[str, str], Dict[str, Any]] = {
     ("gpu", "fine-tune"): {"lr": 3e-4, "epochs": 20, "steps_per_epoch": 250, "prompt_fraction": 0.0,
                            "point_aux_share": 0.0},
 }
+# What a run saved before RECIPE_DEFAULTS existed (a train_config.json without "recipe_choice") left unset meant
+# then, so that --resume continues it as it started: a quarter of the steps for the prompt generator (none when
+# fine-tuning), dense auxiliary steps, the spec's fusion for a new model, 20 epochs of 50 (CPU) or 250 steps.
+LEGACY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "new": {"slab_depth": 8, "num_queries": 16, "lr": 1e-3, "prompt_fraction": 0.25, "point_aux_share": 0.0,
+            "background_threshold": NO_THRESHOLD, "epochs": 20},
+    "fine-tune": {"lr": 3e-4, "prompt_fraction": 0.0, "point_aux_share": 0.0, "epochs": 20},
+}
+LEGACY_STEPS_PER_EPOCH = {"cpu": 50, "gpu": 250}
 # Options that only the CPU recipe reads: merge_config fills them before the device is known.
 CPU_ONLY_OPTIONS = ("feature_copies", "max_decoded")
 
@@ -98,6 +107,8 @@ class TrainConfig:
     prompt_channels: Optional[List[int]] = None
     # not an option: the options the config file and command line set (merge_config), which take no default
     given: List[str] = field(default_factory=list, compare=False, metadata={"option": False})
+    # not an option: a resumed run saved before the recipe defaults existed (``LEGACY_DEFAULTS`` fill its gaps)
+    legacy: bool = field(default=False, compare=False, metadata={"option": False})
 
     def to_dict(self) -> Dict[str, Any]:
         """The options (``given`` left out)."""
@@ -209,7 +220,11 @@ def apply_recipe_defaults(cfg: TrainConfig, recipe: str, num_classes: int) -> Tu
     ``epochs`` when neither is given. ``point_aux_steps``: ``point_aux_share`` of the prompt-generator steps, for a
     run that will match class-bound (the CPU recipe's ``auto`` with a query per class), else 0.
     """
-    table = RECIPE_DEFAULTS[(recipe, "fine-tune" if cfg.init_from else "new")]
+    kind = "fine-tune" if cfg.init_from else "new"
+    if cfg.legacy:
+        table = {**LEGACY_DEFAULTS[kind], "steps_per_epoch": LEGACY_STEPS_PER_EPOCH[recipe]}
+    else:
+        table = RECIPE_DEFAULTS[(recipe, kind)]
     values: Dict[str, Any] = {}
     for name in ("slab_depth", "num_queries", "lr", "steps_per_epoch", "prompt_fraction", "background_threshold"):
         if name in table and getattr(cfg, name) is None:
@@ -275,6 +290,7 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
         raise MaskSAMError(f"cannot resume: {path} is unreadable ({exc})") from None
     names = option_names()
     first_given = saved.get("options_given") if isinstance(saved, dict) else None
+    legacy = isinstance(saved, dict) and "recipe_choice" not in saved  # saved before the recipe defaults
     saved = {k: v for k, v in saved.items() if k in names}
     given_values = given.to_dict()
     differ = [f"{k} (given {given_values[k]!r}, saved {saved[k]!r})" for k in sorted(given_names & set(saved))
@@ -285,6 +301,7 @@ def resumed_config(given: TrainConfig, given_names: Set[str]) -> TrainConfig:
                            f"--out folder.")
     kept = {k: given_values[k] for k in RESUME_MAY_CHANGE if k in given_names}
     resumed = merge_config({**saved, **kept, "resume": True, "overwrite": False}, {})
+    resumed.legacy = legacy
     if isinstance(first_given, list):  # what the interrupted run's user gave (its recipe line says so again)
         resumed.given = sorted(set(first_given) | set(kept))
     return resumed
