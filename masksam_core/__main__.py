@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "predict": ("masksam_core.predict", "segment the organs of a CT or MR volume"),
     "train": ("masksam_core.train", "train or fine-tune a model on a labelled dataset"),
-    "refine": ("masksam_core.refine", "re-decode one organ of an existing segmentation with a box and/or points (LPS mm)"),
+    "refine": ("masksam_core.refine", "re-decode one organ of a segmentation with a box and/or points (LPS mm)"),
     "evaluate": ("masksam_core.evaluate", "Dice, HD95 and surface Dice against reference labels"),
     "model": ("masksam_core.model.__main__", "model folders: summary, init, card, atlas"),
     "sample-data": ("masksam_core.sample_data", "fetch TotalSegmentator's example CT"),
