@@ -248,11 +248,10 @@ def register(scan: sitk.Image, atlas_image: sitk.Image, modality: str = "CT", it
     sim_weights = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if thin else None
     try:
         if modality != "CT":
-            similarity, starts = _multi_start_similarity(fixed_m, moving_m, mask, fixed_body, init,
-                                                                iterations, sim_weights)
+            similarity, metric, start, starts = _multi_start_similarity(fixed_m, moving_m, mask, fixed_body,
+                                                                        init, iterations, sim_weights)
             init_quality["z_starts_mm"] = starts
-            init_quality["z_offset_mm"] = float(similarity.GetTranslation()[2])
-            metric = float(starts[0][1]) if starts else metric
+            init_quality["z_offset_mm"] = start
         else:
             metric = _run_stage(fixed_m, moving_m, mask, similarity, iterations, sim_weights)
         init_quality["stages"].append("similarity")
@@ -295,12 +294,10 @@ def pseudo_ct(fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.Image, aff
     intensity bins of the scan's body takes the median of the affinely warped atlas CT (clamped) over that bin's
     voxels; outside the body, the clamp's floor. A joint-histogram intensity mapping: after a good affine most
     voxels of a bin lie in one tissue, so the map is that tissue's CT value, and demons then matches shapes."""
-    arr = sitk.GetArrayViewFromImage(fixed)
+    arr = np.asarray(sitk.GetArrayViewFromImage(fixed))
     warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, float(CT_CLAMP[0])))
-    inside = np.asarray(arr)[fixed_body]
-    lo, hi = float(inside.min()), float(inside.max())
-    bins = np.clip(((np.asarray(arr) - lo) / max(hi - lo, 1e-6) * PSEUDO_CT_BINS).astype(np.int64), 0,
-                   PSEUDO_CT_BINS - 1)
+    inside = arr[fixed_body]
+    bins = _bin(arr, PSEUDO_CT_BINS, (float(inside.min()), float(inside.max())))
     body_bins, body_ct = bins[fixed_body], warped[fixed_body]
     lut = np.full(PSEUDO_CT_BINS, float(CT_CLAMP[0]), np.float32)
     for b in range(PSEUDO_CT_BINS):
@@ -391,13 +388,14 @@ def z_start_candidates(fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.I
     return chosen
 
 
-def _bin(values: np.ndarray, bins: int = 32) -> np.ndarray:
-    """Histogram bin index (0..bins-1) of each finite value between its own min and max; -1 for NaN."""
+def _bin(values: np.ndarray, bins: int = 32, value_range: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """Histogram bin index (0..bins-1) of each finite value, ``value_range`` (default: the values' own min and
+    max) split into ``bins`` equal bins, values outside it in the end bins; -1 for NaN."""
     out = np.full(values.shape, -1, np.int64)
     ok = np.isfinite(values)
     if ok.any():
         v = values[ok]
-        lo, hi = float(v.min()), float(v.max())
+        lo, hi = value_range if value_range is not None else (float(v.min()), float(v.max()))
         out[ok] = np.clip(((v - lo) / max(hi - lo, 1e-6) * bins).astype(np.int64), 0, bins - 1)
     return out
 
@@ -416,14 +414,14 @@ def _mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
 
 def _multi_start_similarity(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, body: np.ndarray,
                             init: sitk.AffineTransform, iterations: int, weights: Optional[List[float]]
-                            ) -> Tuple[sitk.Similarity3DTransform, List[Tuple[float, float]]]:
-    """The similarity stage run from each of :func:`z_start_candidates`; the one with the best (lowest) final
-    metric, and every start's (z shift, final metric), best first."""
+                            ) -> Tuple[sitk.Similarity3DTransform, float, float, List[Tuple[float, float]]]:
+    """The similarity stage run from each of :func:`z_start_candidates`: the one with the best (lowest) final
+    metric, that metric, the z shift it started from, and every start's (z shift, final metric), best first."""
     results = []
+    tx, ty, _ = init.GetTranslation()
     for dz in z_start_candidates(fixed, body, moving, init):
         sim = sitk.Similarity3DTransform()
         sim.SetCenter(init.GetCenter())
-        tx, ty, _ = init.GetTranslation()
         sim.SetTranslation([tx, ty, dz])
         try:
             m = _run_stage(fixed, moving, mask, sim, iterations, weights)
@@ -433,7 +431,8 @@ def _multi_start_similarity(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Im
     if not results:
         raise RuntimeError("no start of the similarity stage converged")
     results.sort(key=lambda r: r[0])
-    return results[0][2], [(round(dz, 1), round(m, 4)) for m, dz, _ in results]
+    best_metric, best_start, best = results[0]
+    return best, best_metric, best_start, [(round(dz, 1), round(m, 4)) for m, dz, _ in results]
 
 
 def _as_affine(similarity: sitk.Similarity3DTransform) -> sitk.AffineTransform:

@@ -120,7 +120,7 @@ MR_NORMALIZATION = {"mode": "mr_percentile", "percentiles": [0.5, 99.5]}
 
 def normalization_for(card: "ModelCard", modality: str) -> Dict[str, Any]:
     """The card's intensity normalisation, except for an MR given to a model that knows only CT: a CT window on MR
-    values (arbitrary units, no air below -300) clips nearly the whole body to one grey, so such a scan is scaled
+    values (arbitrary units, no air or fat below -60 HU) clips nearly the whole body to one grey, so such a scan is scaled
     by its 0.5-99.5 percentiles onto [0, 1], the MR convention LiteMedSAM was pretrained with. The modality warning
     still says the model was not trained on MR."""
     spec = card.normalization
